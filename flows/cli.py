@@ -1,0 +1,110 @@
+"""`abair`: the command line. Each subcommand runs the plain stage function (what `dvc repro`
+calls); `abair flow ...` runs the same work as Prefect flows. Heavy imports stay inside the
+subcommands so `abair --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tasks.errors import AbairError
+
+
+def _params(args, section: str) -> dict:
+    from tasks.params import load_params
+
+    return load_params(args.params, section, args.set or ())
+
+
+def cmd_synthesize(args) -> None:
+    from tasks.synthesize import synthesize
+
+    cfg = _params(args, "synthesize")
+    if args.count is not None:
+        cfg["samples_per_image"] = args.count
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if args.workers is not None:
+        cfg["workers"] = args.workers
+    synthesize(cfg, source=args.source, out=args.out)
+
+
+def cmd_degrade(args) -> None:
+    import numpy as np
+
+    import degradations
+    from tasks import imageio
+
+    img = imageio.read_image(args.input)
+    if min(img.shape[:2]) < 2:
+        raise AbairError(args.input, f"image is too small ({img.shape[1]}x{img.shape[0]})")
+    if not 0.0 <= args.severity <= 1.0:
+        raise AbairError("--severity", f"must be in [0, 1], got {args.severity}")
+    try:
+        module = degradations.get(args.type)
+    except ValueError as exc:
+        raise AbairError("--type", str(exc)) from None
+    degraded, params = module.apply(img, np.random.default_rng(args.seed), args.severity)
+    imageio.write_image(args.output, degraded)
+    print(f"{args.output}: {args.type} severity {args.severity} seed {args.seed} {params}")
+
+
+def cmd_preview(args) -> None:
+    from tasks.preview import write_preview
+
+    sheet = write_preview(args.output, _params(args, "synthesize"), seed=args.seed)
+    print(f"{args.output}: {sheet.shape[1]}x{sheet.shape[0]} contact sheet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abair", description="ABAIR all-in-one image restoration pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_params(p):
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a value of this stage's params section, e.g. --set crop_size=128")
+        return p
+
+    p = with_params(sub.add_parser("synthesize", help="clean images -> degraded webdataset shards"))
+    p.add_argument("--source", help="folder, s3://bucket/prefix or `samples` (default: params)")
+    p.add_argument("--out", help="folder or s3://bucket/prefix for the shards (default: params)")
+    p.add_argument("--count", type=int, help="samples per source image")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("degrade", help="apply one degradation to one image")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--type", required=True, help="degradation name, e.g. rain")
+    p.add_argument("--severity", type=float, default=0.5, help="0 (none) to 1 (strongest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_degrade)
+
+    p = with_params(sub.add_parser("preview", help="contact sheet of every degradation and composite samples"))
+    p.add_argument("output", nargs="?", default="preview.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_preview)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except AbairError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

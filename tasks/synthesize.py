@@ -1,0 +1,228 @@
+"""The `synthesize` stage: clean sources -> webdataset shards of (clean, degraded, mask, json).
+
+Each sample is a random crop degraded by the composite ("degradation CutMix") generator. A
+sample depends only on (seed, source id, index), so runs are reproducible whatever the worker
+count, and shards are byte-identical across runs (fixed tar mtimes, ordered writes).
+Layout of a shard set:
+
+    OUT/train-000000.tar ...   OUT/val-000000.tar ...   OUT/index.json (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks import imageio, storage
+from tasks.errors import AbairError
+from tasks.params import params_hash
+from tasks.sources import Source, SourceSkip, list_sources, load_source, split_sources
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+SHARD_FORMAT = "abair-shards/1"
+MAX_CLASSES = 8  # the mask is one uint8 bit per class
+# Settings that change how the work runs, not what it writes.
+NOT_IN_OUTPUT = ("workers", "endpoint_url", "out", "source")
+
+
+@dataclass
+class SourceResult:
+    source_id: str
+    samples: list          # [(key, {"clean.png": bytes, ...}), ...]
+    skip_reason: str | None = None
+    class_pixels: np.ndarray | None = None   # per class: pixels carrying that bit
+    kinds: Counter | None = None
+
+
+def sample_rng(seed: int, source: Source, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, source.seed_key, index])
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    height, width = img.shape[:2]
+    y0 = int(rng.integers(0, height - size + 1))
+    x0 = int(rng.integers(0, width - size + 1))
+    return img[y0:y0 + size, x0:x0 + size], [y0, x0, size, size]
+
+
+def make_sample(clean_source: np.ndarray, source: Source, index: int, cfg: dict) -> tuple[str, dict, np.ndarray, str]:
+    """One (key, members) pair for the shard, plus its mask and kind for the statistics."""
+    from degradations import composite
+
+    rng = sample_rng(cfg["seed"], source, index)
+    clean, crop_box = random_crop(clean_source, cfg["crop_size"], rng)
+    # The shard stores 8-bit images: degrade the 8-bit clean crop so that untouched pixels of
+    # the degraded image are byte-identical to the clean one.
+    clean = imageio.to_uint8(clean).astype(np.float32) / 255.0
+    comp = cfg["composite"]
+    degraded, mask, info = composite.apply(
+        clean, rng, cfg["classes"], {k: tuple(v) for k, v in cfg["severity"].items()},
+        regions=tuple(comp["regions"]), degradations_per_region=tuple(comp["degradations_per_region"]),
+        shape_fraction=comp["shape_fraction"], p_single=comp["p_single"], p_clean=comp["p_clean"])
+    key = f"{source.short_hash}-{index:05d}"
+    meta = {"key": key, "source": source.id, "crop": crop_box, "seed": cfg["seed"], "index": index,
+            "classes": cfg["classes"], **info}
+    members = {
+        "clean.png": imageio.encode_png(clean),
+        "degraded.png": imageio.encode_png(degraded),
+        "mask.png": imageio.encode_png(mask),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    return key, members, mask, info["kind"]
+
+
+def synthesize_source(job: tuple[Source, dict]) -> SourceResult:
+    """Worker: load one source image and make all of its samples."""
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the process pool
+    source, cfg = job
+    try:
+        clean_source = load_source(source, max(cfg["min_size"], cfg["crop_size"]), cfg.get("endpoint_url"))
+    except SourceSkip as skip:
+        return SourceResult(source.id, [], skip_reason=str(skip))
+    n_classes = len(cfg["classes"])
+    class_pixels = np.zeros(n_classes, np.int64)
+    kinds: Counter = Counter()
+    samples = []
+    for index in range(cfg["samples_per_image"]):
+        key, members, mask, kind = make_sample(clean_source, source, index, cfg)
+        bits = np.unpackbits(mask[:, :, None], axis=2, bitorder="little")[:, :, :n_classes]
+        class_pixels += bits.reshape(-1, n_classes).sum(0, dtype=np.int64)
+        kinds[kind] += 1
+        samples.append((key, members))
+    return SourceResult(source.id, samples, class_pixels=class_pixels, kinds=kinds)
+
+
+def validate(cfg: dict) -> None:
+    from degradations import names as known
+
+    classes = cfg["classes"]
+    where = "params.yaml synthesize"
+    if not classes or len(classes) > MAX_CLASSES:
+        raise AbairError(f"{where}.classes", f"need 1 to {MAX_CLASSES} classes (the mask has 8 bits), got {len(classes)}")
+    unknown = [c for c in classes if c not in known()]
+    if unknown:
+        raise AbairError(f"{where}.classes", f"unknown degradation(s) {unknown}; known: {known()}")
+    missing = [c for c in classes if c not in cfg["severity"]]
+    if missing:
+        raise AbairError(f"{where}.severity", f"no severity range for {missing}")
+    if cfg["crop_size"] < 16 or cfg["samples_per_image"] < 1:
+        raise AbairError(where, "crop_size must be >= 16 and samples_per_image >= 1")
+
+
+def synthesize(cfg: dict, source: str | None = None, out: str | None = None,
+               progress: bool = True) -> dict:
+    """Run the stage. `cfg` is the `synthesize` params section; returns the index written."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    source = source or cfg["source"]
+    out = out or cfg.get("out", "data/shards")
+    endpoint_url = cfg.get("endpoint_url")
+    validate(cfg)
+    started = time.perf_counter()
+
+    sources = list_sources(source, endpoint_url)
+    train, val = split_sources(sources, cfg["val_fraction"], cfg["seed"])
+    log.info("synthesize: %d source images from %s (%d train, %d val), %d samples each -> %s",
+             len(sources), source, len(train), len(val), cfg["samples_per_image"], out)
+
+    local_out_ctx = storage.atomic_dir(out) if not storage.is_s3(out) else tempfile.TemporaryDirectory(prefix="abair-shards-")
+    with local_out_ctx as staging:
+        staging = Path(staging)
+        uploaded: list[str] = []
+        state = {"failed": False}
+
+        def publisher(split: str):
+            def publish(local_shard: str) -> None:
+                # Called by ShardWriter once a shard is closed: only complete, non-empty shards
+                # of a run that has not failed leave staging.
+                if state["failed"] or writers[split].count == 0:
+                    os.unlink(local_shard)
+                    return
+                if storage.is_s3(out):
+                    storage.upload_file(local_shard, storage.join(out, Path(local_shard).name), endpoint_url)
+                    os.unlink(local_shard)
+                uploaded.append(Path(local_shard).name)
+            return publish
+
+        writers: dict = {}
+        for split in ("train", "val"):
+            writers[split] = wds.ShardWriter(str(staging / f"{split}-%06d.tar"), maxcount=cfg["shard_maxcount"],
+                                             post=publisher(split), verbose=0, mtime=0.0)
+        split_of = {s.id: "train" for s in train} | {s.id: "val" for s in val}
+        stats = {split: {"samples": 0, "sources": []} for split in ("train", "val")}
+        class_pixels = np.zeros(len(cfg["classes"]), np.int64)
+        kinds: Counter = Counter()
+        skipped = []
+        jobs = [(s, {**cfg, "endpoint_url": endpoint_url}) for s in sources]
+        workers = max(1, min(int(cfg.get("workers", 1)), len(jobs)))
+        pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        try:
+            results = pool.imap(synthesize_source, jobs) if pool else map(synthesize_source, jobs)
+            bar = tqdm(results, total=len(jobs), desc="synthesize", unit="image", disable=not progress)
+            for result in bar:
+                if result.skip_reason:
+                    skipped.append({"source": result.source_id, "reason": result.skip_reason})
+                    log.warning("skipped %s: %s", result.source_id, result.skip_reason)
+                    continue
+                split = split_of[result.source_id]
+                for key, members in result.samples:
+                    writers[split].write({"__key__": key, **members})
+                stats[split]["samples"] += len(result.samples)
+                stats[split]["sources"].append(result.source_id)
+                class_pixels += result.class_pixels
+                kinds.update(result.kinds)
+                bar.set_postfix(samples=stats["train"]["samples"] + stats["val"]["samples"], skipped=len(skipped))
+        except BaseException:
+            state["failed"] = True
+            raise
+        finally:
+            if pool:
+                pool.terminate()
+            for writer in writers.values():
+                writer.close()
+
+        total = stats["train"]["samples"] + stats["val"]["samples"]
+        if total == 0:
+            reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
+            raise AbairError(source, f"no usable images ({len(skipped)} skipped: {dict(reasons)})")
+        for split in ("train", "val"):
+            stats[split]["shards"] = sorted(n for n in uploaded if n.startswith(split)) if stats[split]["samples"] else []
+        pixels_total = total * cfg["crop_size"] ** 2
+        index = {
+            "format": SHARD_FORMAT,
+            "classes": list(cfg["classes"]),
+            "crop_size": cfg["crop_size"],
+            "seed": cfg["seed"],
+            "source": source,
+            "params_hash": params_hash({k: v for k, v in cfg.items() if k not in NOT_IN_OUTPUT}),
+            "splits": stats,
+            "counts": {"samples": total, "sources_used": len(stats["train"]["sources"]) + len(stats["val"]["sources"]),
+                       "sources_skipped": len(skipped), "kinds": dict(sorted(kinds.items()))},
+            "pixel_fractions": {c: round(float(n) / pixels_total, 6) for c, n in zip(cfg["classes"], class_pixels)},
+            "skipped": skipped,
+        }
+        index_bytes = json.dumps(index, indent=2).encode()
+        if storage.is_s3(out):
+            storage.write_bytes(storage.join(out, INDEX_NAME), index_bytes, endpoint_url)  # last: marks the set complete
+        else:
+            (staging / INDEX_NAME).write_bytes(index_bytes)
+
+    elapsed = time.perf_counter() - started
+    log.info("synthesize: wrote %d samples (%d train / %d val) in %d shards to %s in %.1f s (%.1f samples/s); "
+             "%d sources skipped", total, stats["train"]["samples"], stats["val"]["samples"],
+             len(stats["train"]["shards"]) + len(stats["val"]["shards"]), out, elapsed, total / elapsed, len(skipped))
+    return index

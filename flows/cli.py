@@ -10,6 +10,11 @@ import sys
 
 from tasks.errors import AbairError
 
+try:  # the models package's checkpoint errors are the same one-line kind
+    from models.checkpoint import CheckpointError
+except ImportError:  # pragma: no cover
+    CheckpointError = AbairError
+
 
 def _params(args, section: str) -> dict:
     from tasks.params import load_params
@@ -57,6 +62,16 @@ def cmd_preview(args) -> None:
     print(f"{args.output}: {sheet.shape[1]}x{sheet.shape[0]} contact sheet")
 
 
+def cmd_pretrain(args) -> None:
+    from tasks.pretrain import pretrain
+
+    cfg = _params(args, "pretrain")
+    summary = pretrain(cfg, shards=args.shards, out=args.out, state_path=args.state, reports=args.reports,
+                       resume=args.resume, stop_after=args.stop_after)
+    if summary.get("interrupted"):
+        raise SystemExit(3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abair", description="ABAIR all-in-one image restoration pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.set_defaults(func=cmd_synthesize)
+
+    p = with_params(sub.add_parser("pretrain", help="Phase I: train the backbone (+ segmentation head) on shards"))
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--out", default="checkpoints/backbone.safetensors")
+    p.add_argument("--state", default="checkpoints/pretrain.state.pt", help="resumable training state")
+    p.add_argument("--reports", default="reports/training")
+    p.add_argument("--resume", choices=["auto", "always", "never"], default="auto",
+                   help="auto: continue an interrupted run with the same inputs (default)")
+    p.add_argument("--stop-after", type=int, help="stop (with a resumable checkpoint) after this many steps")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("degrade", help="apply one degradation to one image")
     p.add_argument("input")
@@ -97,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except AbairError as exc:
+    except (AbairError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

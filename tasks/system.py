@@ -1,0 +1,78 @@
+"""Assemble the ABAIR system from its component files: backbone, adapter files, estimator.
+
+The component files are the contract between stages (and what the registry versions): a folder
+`checkpoints/` with backbone.safetensors, adapters/<name>.safetensors and estimator.safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from tasks.errors import AbairError
+
+BACKBONE_FILE = "backbone.safetensors"
+ADAPTER_DIR = "adapters"
+ESTIMATOR_FILE = "estimator.safetensors"
+
+
+def adapter_files(adapters_dir: str | Path) -> list[Path]:
+    folder = Path(adapters_dir)
+    if not folder.is_dir():
+        raise AbairError(folder, "adapter folder not found (run the `adapters` stage first)")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise AbairError(folder, "no adapter files (*.safetensors)")
+    return files
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bank(backbone, files: list[Path]):
+    """An AdapterBank configured from the first file's metadata, holding every adapter file."""
+    from models.adapters import AdapterBank, read_adapter_metadata
+
+    meta = read_adapter_metadata(files[0])
+    bank = AdapterBank(backbone, kind=meta["kind"], targets=json.loads(meta["targets"]), rank=int(meta["rank"]),
+                       alpha=float(meta["alpha"]), hidden=int(meta["hidden"]))
+    for path in files:
+        bank.load(path)
+    return bank
+
+
+def load_system(backbone_path: str | Path, adapters_dir: str | Path | None = None,
+                estimator_path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """A models.restorer.Restorer from files; adapters and estimator optional."""
+    from models.backbone import load_backbone
+    from models.estimator import load_estimator
+    from models.restorer import Restorer
+
+    backbone = load_backbone(backbone_path)
+    backbone.drop_seg_head()
+    bank = load_bank(backbone, adapter_files(adapters_dir)) if adapters_dir is not None else None
+    estimator = load_estimator(estimator_path) if estimator_path is not None else None
+    if estimator is not None and bank is not None:
+        missing = [n for n in (estimator.class_names or []) if n not in bank]
+        if missing:
+            raise AbairError(estimator_path, f"expects adapters {missing} that {adapters_dir} does not hold")
+    restorer = Restorer(backbone, bank, estimator)
+    return restorer.to(device).eval()
+
+
+def load_system_dir(folder: str | Path, device: str | torch.device = "cpu"):
+    """The same from one folder laid out as checkpoints/ (used by `abair restore DIR`)."""
+    folder = Path(folder)
+    if not (folder / BACKBONE_FILE).is_file():
+        raise AbairError(folder, f"not a model folder (no {BACKBONE_FILE})")
+    adapters = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else None
+    estimator = folder / ESTIMATOR_FILE if (folder / ESTIMATOR_FILE).is_file() else None
+    return load_system(folder / BACKBONE_FILE, adapters, estimator, device)

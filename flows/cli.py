@@ -72,6 +72,43 @@ def cmd_pretrain(args) -> None:
         raise SystemExit(3)
 
 
+def cmd_adapter(args) -> None:
+    import json
+
+    from tasks.adapters import train_adapter
+    from tasks.storage import atomic_path
+
+    cfg = _params(args, "adapters")
+    summary = train_adapter(cfg, args.name, backbone_path=args.backbone, shards=args.shards, out_dir=args.out_dir,
+                            reports=args.reports, parent_run_id=args.parent_run, force=args.force,
+                            progress=not args.no_progress)
+    if args.summary:
+        with atomic_path(args.summary) as tmp:
+            tmp.write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+
+
+def cmd_adapters(args) -> None:
+    paths = dict(backbone=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
+    if args.runner == "prefect":
+        from flows.training import run_adapters_flow
+
+        run_adapters_flow(args.params, list(args.set or ()), **paths)
+        return
+    from tasks.adapters import prune_adapters, train_adapter
+
+    cfg = _params(args, "adapters")
+    prune_adapters(cfg, args.out_dir)
+    for name in cfg["degradations"]:
+        train_adapter(cfg, name, backbone_path=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
+
+
+def cmd_estimator(args) -> None:
+    from tasks.estimator import train_estimator
+
+    train_estimator(_params(args, "estimator"), backbone_path=args.backbone, adapters_dir=args.adapters,
+                    shards=args.shards, out=args.out, reports=args.reports)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abair", description="ABAIR all-in-one image restoration pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -100,6 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: continue an interrupted run with the same inputs (default)")
     p.add_argument("--stop-after", type=int, help="stop (with a resumable checkpoint) after this many steps")
     p.set_defaults(func=cmd_pretrain)
+
+    def adapter_paths(p):
+        p.add_argument("--backbone", default="checkpoints/backbone.safetensors")
+        p.add_argument("--shards", default="data/shards")
+        p.add_argument("--out-dir", default="checkpoints/adapters")
+        p.add_argument("--reports", default="reports/training/adapters")
+        return p
+
+    p = adapter_paths(with_params(sub.add_parser("adapters", help="Phase II: one adapter per degradation (concurrent jobs)")))
+    p.add_argument("--runner", choices=["prefect", "local"], default="prefect",
+                   help="prefect: concurrent jobs in a Prefect flow (default); local: one after another in this process")
+    p.set_defaults(func=cmd_adapters)
+
+    p = adapter_paths(with_params(sub.add_parser("adapter", help="Phase II: train one adapter (skipped when up to date)")))
+    p.add_argument("name", help="degradation, e.g. rain")
+    p.add_argument("--force", action="store_true", help="retrain even when up to date")
+    p.add_argument("--parent-run", help="MLflow run to nest this job's run under")
+    p.add_argument("--summary", help="write the job summary (JSON) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_adapter)
+
+    p = with_params(sub.add_parser("estimator", help="Phase III: train the degradation estimator"))
+    p.add_argument("--backbone", default="checkpoints/backbone.safetensors")
+    p.add_argument("--adapters", default="checkpoints/adapters")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--out", default="checkpoints/estimator.safetensors")
+    p.add_argument("--reports", default="reports/training")
+    p.set_defaults(func=cmd_estimator)
 
     p = sub.add_parser("degrade", help="apply one degradation to one image")
     p.add_argument("input")

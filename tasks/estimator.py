@@ -166,6 +166,7 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
         summary = {"steps": cfg["steps"], "final_loss": float(np.mean(losses[-10:]))}
 
         sw_steps = int(cfg.get("sw_steps", 0))
+        sw_log = training.StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
         if sw_steps > 0:
             # Tune through the restoration itself: the estimator learns which blend restores best.
             backbone = load_backbone(backbone_path)
@@ -176,7 +177,6 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
             backbone_fp = fingerprint(backbone)
             backbone.to(device).eval()
             columns = [bank.names.index(n) for n in names]
-            sw_log = training.StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
             sw_cfg = {**cfg, "lr": cfg["sw_lr"], "warmup_steps": 0, "steps": sw_steps}
 
             def blended(batch):

@@ -1,0 +1,93 @@
+"""Prefect flows for the training phases. They compose tasks (tasks/jobs.py) and add what
+Prefect is for: concurrency (adapter jobs in parallel, one per GPU or a bounded CPU pool),
+retries, and artifacts people read in the UI."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks import jobs, tracking
+from tasks.adapters import prune_adapters
+from tasks.params import load_params
+
+log = logging.getLogger(__name__)
+
+
+def plan_devices(cfg: dict, n_jobs: int) -> tuple[list[str], list[int], int]:
+    """(device per job, CPU threads per job, concurrent jobs): one job per GPU when there are
+    GPUs, else `parallel` jobs sharing the cores."""
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.get("device", "auto") in ("auto", "cuda") else 0
+    if gpus:
+        devices = [f"cuda:{i % gpus}" for i in range(n_jobs)]
+        parallel = min(gpus, n_jobs)
+    else:
+        devices = ["cpu"] * n_jobs
+        parallel = max(1, min(int(cfg.get("parallel", 1)), n_jobs))
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    return devices, [threads] * n_jobs, parallel
+
+
+def results_table(results: list[dict]) -> str:
+    lines = ["| adapter | status | val PSNR input | backbone alone | with adapter |", "|---|---|---|---|---|"]
+    for r in results:
+        fmt = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
+        status = "up to date" if r.get("skipped") else "trained"
+        lines.append(f"| {r['name']} | {status} | {fmt('val_psnr_input')} | {fmt('val_psnr_backbone')} | {fmt('val_psnr_adapter')} |")
+    return "\n".join(lines)
+
+
+@flow(name="abair-adapters")
+def adapters_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
+                  backbone: str = "checkpoints/backbone.safetensors", shards: str = "data/shards",
+                  out_dir: str = "checkpoints/adapters", reports: str = "reports/training/adapters") -> list[dict]:
+    overrides = list(overrides or [])
+    cfg = load_params(params_path, "adapters", overrides)
+    removed = prune_adapters(cfg, out_dir)
+    if removed:
+        log.info("adapters: removed %s (no longer in params)", removed)
+    names = list(cfg["degradations"])
+    devices, threads, _ = plan_devices(cfg, len(names))
+    run = tracking.start_run("adapters", tags={"abair.stage": "adapters"})
+    run.log_params({"degradations": names, "devices": devices})
+    try:
+        futures = [jobs.adapter_job.submit(name, params_path, overrides, backbone, shards, out_dir, reports,
+                                           devices[i], threads[i], run.run_id) for i, name in enumerate(names)]
+        results = [f.result() for f in futures]
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end()
+    table = results_table(results)
+    create_markdown_artifact(table, key="abair-adapters", description="Phase II adapters")
+    log.info("adapters:\n%s", table)
+    return results
+
+
+def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[dict]:
+    """Run adapters_flow with a task runner sized to the job plan."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    cfg = load_params(params_path, "adapters", overrides)
+    _, _, parallel = plan_devices(cfg, len(cfg["degradations"]))
+    return adapters_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))(
+        params_path=params_path, overrides=overrides, **paths)
+
+
+@flow(name="abair-training")
+def training_flow(params_path: str = "params.yaml", shards: str = "data/shards", checkpoints: str = "checkpoints",
+                  reports: str = "reports/training") -> dict:
+    """Phases I-III in order as tasks (the same work `dvc repro` runs stage by stage)."""
+    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+    pretrain_summary = jobs.pretrain_task(load_params(params_path, "pretrain"), shards,
+                                          f"{checkpoints}/backbone.safetensors", f"{checkpoints}/pretrain.state.pt", reports)
+    adapters = run_adapters_flow(params_path, [], backbone=f"{checkpoints}/backbone.safetensors", shards=shards,
+                                 out_dir=f"{checkpoints}/adapters", reports=f"{reports}/adapters")
+    estimator_summary = jobs.estimator_task(load_params(params_path, "estimator"), f"{checkpoints}/backbone.safetensors",
+                                            f"{checkpoints}/adapters", shards, f"{checkpoints}/estimator.safetensors", reports)
+    return {"pretrain": pretrain_summary, "adapters": adapters, "estimator": estimator_summary}

@@ -1,0 +1,91 @@
+"""The pipeline's units of work as Prefect tasks: retries, run names and caching are declared
+here, on the task; the work itself is the plain function in the stage's module. Flows
+(flows/) only compose these."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import AbairError
+
+# Exit status of `abair` for bad input: retrying cannot help.
+BAD_INPUT = 2
+
+
+class JobFailed(RuntimeError):
+    def __init__(self, name: str, returncode: int):
+        self.returncode = returncode
+        super().__init__(f"job {name} exited with status {returncode}")
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except JobFailed as exc:
+        return exc.returncode != BAD_INPUT
+    except AbairError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+@task(name="synthesize", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def synthesize_task(cfg: dict, source: str | None = None, out: str | None = None) -> dict:
+    from tasks.synthesize import synthesize
+
+    return synthesize(cfg, source=source, out=out, progress=False)
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def pretrain_task(cfg: dict, shards: str, out: str, state_path: str, reports: str) -> dict:
+    # A retry resumes from the last checkpoint (resume="auto"), it does not start over.
+    from tasks.pretrain import pretrain
+
+    summary = pretrain(cfg, shards=shards, out=out, state_path=state_path, reports=reports, resume="auto", progress=False)
+    return {k: v for k, v in summary.items() if k != "losses"}
+
+
+@task(name="adapter", task_run_name="adapter-{name}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def adapter_job(name: str, params_path: str, overrides: list[str], backbone: str, shards: str, out_dir: str,
+                reports: str, device: str, threads: int, parent_run_id: str | None) -> dict:
+    """Train one adapter in its own process: its own GPU (CUDA_VISIBLE_DEVICES) or CPU threads,
+    and a crash or a killed worker becomes a retry instead of taking the flow down."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    sets = list(overrides)
+    if device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        sets.append("device=cuda")
+    elif device == "cpu":
+        sets.append("device=cpu")
+    with tempfile.TemporaryDirectory(prefix="abair-job-") as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "flows.cli", "adapter", name, "--params", params_path, "--backbone", backbone,
+               "--shards", shards, "--out-dir", out_dir, "--reports", reports, "--summary", str(summary), "--no-progress"]
+        cmd += [arg for item in sets for arg in ("--set", item)]
+        if parent_run_id:
+            cmd += ["--parent-run", parent_run_id]
+        returncode = subprocess.run(cmd, env=env).returncode
+        if returncode != 0:
+            raise JobFailed(f"adapter {name}", returncode)
+        return json.loads(summary.read_text())
+
+
+@task(name="estimator", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out: str, reports: str) -> dict:
+    from tasks.estimator import train_estimator
+
+    return train_estimator(cfg, backbone_path=backbone, adapters_dir=adapters_dir, shards=shards, out=out,
+                           reports=reports, progress=False)

@@ -109,6 +109,10 @@ def cmd_estimator(args) -> None:
                     shards=args.shards, out=args.out, reports=args.reports)
 
 
+# Modules that add their own subcommands: each has add_commands(subparsers, with_params).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abair", description="ABAIR all-in-one image restoration pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -178,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", default="preview.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_preview)
+
+    import importlib
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub, with_params)
     return parser
 
 

@@ -85,17 +85,15 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
             size = min(256, *degraded.shape[:2]) // 8 * 8
             pairs.append((degraded[:size, :size].astype(np.float32) / 255, clean[:size, :size].astype(np.float32) / 255))
         return pairs
-    import webdataset as wds
-
     import degradations
 
     module = degradations.get(name)
     lo, hi = job["severity"]
     pairs = []
-    for i, raw in enumerate(wds.WebDataset(data.shard_urls(shards, "val", index), shardshuffle=False, empty_check=False)):
+    for i, sample in enumerate(data.read_split(data.shard_urls(shards, "val", index))):
         if i >= count:
             break
-        clean = data.decode_sample(raw)["clean"].astype(np.float32) / 255.0
+        clean = sample["clean"].astype(np.float32) / 255.0
         rng = np.random.default_rng([job["seed"], 7919, i])
         degraded, _ = module.apply(clean, rng, float(lo + (hi - lo) * (i + 0.5) / count))
         pairs.append((degraded, clean))

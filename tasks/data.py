@@ -87,6 +87,17 @@ def decode_sample(sample: dict) -> dict:
     }
 
 
+def read_split(urls: list[str]) -> Iterator[dict]:
+    """Every sample of some shards once, in order, decoded: for validation and evaluation.
+    Reads all of them in this process whatever the DDP rank (rank 0 validates alone)."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src,
+                             workersplitter=lambda src: src)
+    for raw in dataset:
+        yield decode_sample(raw)
+
+
 # ---------------------------------------------------------------------------------------------
 # augmentation
 

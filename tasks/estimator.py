@@ -95,14 +95,12 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def single_degradation_accuracy(estimator, sources: list[dict], shards: str, index: dict, seed: int,
                                 per_class: int, device) -> dict:
     """Argmax accuracy and confusion matrix on held-out single-degradation samples."""
-    import webdataset as wds
-
     import degradations
 
     names = [s["name"] for s in sources]
     confusion = np.zeros((len(names), len(names)), np.int64)
-    cleans = [data.decode_sample(raw)["clean"].astype(np.float32) / 255.0 for raw, _ in
-              zip(wds.WebDataset(data.shard_urls(shards, "val", index), shardshuffle=False, empty_check=False), range(per_class))]
+    cleans = [sample["clean"].astype(np.float32) / 255.0 for sample, _ in
+              zip(data.read_split(data.shard_urls(shards, "val", index)), range(per_class))]
     estimator.eval()
     for k, source in enumerate(sources):
         if source["data"]:
@@ -128,8 +126,13 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
 def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safetensors",
                     adapters_dir: str = "checkpoints/adapters", shards: str = "data/shards",
                     out: str = "checkpoints/estimator.safetensors", reports: str = "reports/training",
-                    progress: bool = True) -> dict:
-    """Train the degradation estimator; `cfg` is the `estimator` params section."""
+                    progress: bool = True, init: str | None = None) -> dict:
+    """Train the degradation estimator; `cfg` is the `estimator` params section.
+
+    init: an estimator checkpoint to fine-tune instead of starting fresh (adding a degradation:
+    the current estimator grown by one output). Its class names must be the adapters' names; its
+    output order is kept, and its architecture wins over cfg's width/crops/sizes.
+    """
     from models.backbone import fingerprint, load_backbone
     from models.estimator import Estimator, save_estimator
 
@@ -137,12 +140,25 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
     index = data.load_index(shards)
     files = adapter_files(adapters_dir)
     sources = adapter_sources(files)
+    start = None
+    if init is not None:
+        from models.estimator import load_estimator
+
+        start = load_estimator(init)
+        order = start.class_names or []
+        if sorted(order) != sorted(s["name"] for s in sources):
+            raise AbairError(init, f"has outputs {order} but the adapters in {adapters_dir} are {[s['name'] for s in sources]}")
+        sources = sorted(sources, key=lambda s: order.index(s["name"]))
     names = [s["name"] for s in sources]
     inputs_hash = params_hash({"params": {k: v for k, v in cfg.items() if k not in RUNTIME_KNOBS},
-                               "adapters": [s["sha256"] for s in sources], "shards": index["params_hash"]})
+                               "adapters": [s["sha256"] for s in sources], "shards": index["params_hash"],
+                               **({"init": file_sha256(init)} if init is not None else {})})
     training.seed_everything(cfg["seed"])
-    estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
-                          view_size=cfg["view_size"], random_crops=True, class_names=names).to(device)
+    if start is not None:
+        estimator = start.to(device)
+    else:
+        estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
+                              view_size=cfg["view_size"], random_crops=True, class_names=names).to(device)
     stream = data.ShardStream(data.shard_urls(shards, "train", index),
                               EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"]),
                               seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))

@@ -89,3 +89,85 @@ def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out
 
     return train_estimator(cfg, backbone_path=backbone, adapters_dir=adapters_dir, shards=shards, out=out,
                            reports=reports, progress=False)
+
+
+# -- registry, promotion and adding a degradation (flows/registry.py) ---------------------------
+# Registration and promotion are safe to retry: a retry finds the versions already created by
+# content hash, and alias moves are idempotent.
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def register_task(params_path: str, checkpoints: str, metrics_path: str, shards: str) -> dict:
+    from tasks.registry import register_evaluated
+
+    return register_evaluated(params_path, checkpoints, metrics_path, shards)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def promote_task(gate: dict, eval_cfg: dict, shards: str, challenger: str | None, dry_run: bool) -> dict:
+    from tasks.registry import promote
+
+    return promote(gate, eval_cfg=eval_cfg, shards=shards, challenger=challenger, dry_run=dry_run)
+
+
+@task(name="add-degradation-prepare", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def prepare_degradation_task(name: str, base: str, stage: str) -> dict:
+    from tasks.add_degradation import prepare
+
+    return prepare(name, base, stage)
+
+
+@task(name="add-degradation-adapter", task_run_name="adapter-{name}", retries=1, retry_delay_seconds=10,
+      cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
+def new_adapter_task(params: dict, name: str, stage: str, shards: str, reports: str) -> dict:
+    from tasks.add_degradation import train_new_adapter
+
+    return train_new_adapter(params, name, stage, shards, reports, progress=False)
+
+
+@task(name="add-degradation-estimator", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def refit_estimator_task(params: dict, stage: str, shards: str, reports: str) -> dict:
+    from tasks.add_degradation import refit_estimator
+
+    return refit_estimator(params, stage, shards, reports, progress=False)
+
+
+@task(name="add-degradation-check", cache_policy=NO_CACHE)
+def check_unchanged_task(stage: str, hashes: dict) -> dict:
+    from tasks.add_degradation import check_unchanged
+
+    return check_unchanged(stage, hashes)
+
+
+@task(name="evaluate-candidate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def evaluate_candidate_task(cfg: dict, checkpoints: str, shards: str) -> dict:
+    """Evaluate a folder of components without touching reports/ (the DVC stage's outputs)."""
+    from tasks.evaluate import evaluate
+
+    return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=None, progress=False)
+
+
+@task(name="add-degradation-publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def publish_degradation_task(name: str, params: dict, stage: str, out: str, metrics: dict, shards: str, reports: str,
+                             prepared: dict, adapter: dict, estimator: dict, unchanged: dict, promote: bool) -> dict:
+    from pathlib import Path
+
+    from tasks import add_degradation, registry
+
+    if Path(stage).exists():  # a retry after the rename finds `out` already in place
+        add_degradation.publish(stage, out)
+    return add_degradation.finish(name, params, Path(out), metrics, shards, reports, prepared, adapter, estimator,
+                                  unchanged, True, promote, registry.Evaluator(), print)
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
+def evaluate_task(cfg: dict, checkpoints: str, shards: str, reports: str | None) -> dict:
+    from tasks.evaluate import evaluate
+
+    return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=reports, progress=False)

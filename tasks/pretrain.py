@@ -43,15 +43,36 @@ class PretrainSample:
         return data.to_tensor(degraded), data.to_tensor(clean), torch.from_numpy(bits.transpose(2, 0, 1).astype(np.float32))
 
 
+def pretrain_loss(model, degraded: torch.Tensor, clean: torch.Tensor, bits: torch.Tensor, cfg: dict):
+    """Restoration loss + seg_weight x multi-label BCE on the per-pixel class bits."""
+    restored, seg_logits = model(degraded, with_seg=True)
+    restore_loss = training.restoration_loss(restored.float(), clean, cfg.get("loss", "l1"))
+    seg_loss = F.binary_cross_entropy_with_logits(seg_logits.float(), bits)
+    return restore_loss + cfg["seg_weight"] * seg_loss, restore_loss, seg_loss
+
+
+def check_replicas(model: torch.nn.Module, dist: training.Dist) -> list[str]:
+    """Every rank's weight fingerprint; DDP replicas that drifted apart are an error."""
+    from models.backbone import fingerprint
+
+    mine = fingerprint(model)
+    if dist.world == 1:
+        return [mine]
+    import torch.distributed
+
+    everyone: list = [None] * dist.world
+    torch.distributed.all_gather_object(everyone, mine)
+    if len(set(everyone)) != 1:
+        raise AbairError("pretrain", f"DDP replicas are out of sync: {everyone}")
+    return everyone
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, urls: list[str], device: torch.device, batch_size: int = 16,
              max_samples: int | None = None, keep: int = 0) -> dict:
     """Mean PSNR of the degraded inputs and of the restorations over a validation split."""
-    import webdataset as wds
-
     model.eval()
     psnr_in, psnr_out, examples = [], [], []
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     batch: list[dict] = []
 
     def flush():
@@ -65,8 +86,7 @@ def validate(model: torch.nn.Module, urls: list[str], device: torch.device, batc
         batch.clear()
 
     count = 0
-    for raw in dataset:
-        sample = data.decode_sample(raw)
+    for sample in data.read_split(urls):
         if not sample["mask"].any():
             continue  # clean samples say nothing about restoration
         batch.append(sample)
@@ -164,17 +184,14 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
                 lr = training.warmup_cosine(step, total_steps, cfg["warmup_steps"], cfg["lr"], cfg["min_lr"])
                 training.set_lr(optimizer, lr)
                 with training.autocast(device, cfg.get("amp", "auto")):
-                    restored, seg_logits = train_model(degraded, with_seg=True)
-                    restore_loss = training.restoration_loss(restored.float(), clean, cfg.get("loss", "l1"))
-                    seg_loss = F.binary_cross_entropy_with_logits(seg_logits.float(), bits)
-                    loss = restore_loss + cfg["seg_weight"] * seg_loss
+                    loss, restore_loss, seg_loss = pretrain_loss(train_model, degraded, clean, bits, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.get("grad_clip"):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 optimizer.step()
                 ema.update(model)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
 
                 done = step + 1
                 if dist.main and (done % cfg.get("log_every", 10) == 0 or done == total_steps):
@@ -210,7 +227,8 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
         training.close_distributed()
         return {"interrupted": True, "step": len(losses), "losses": losses}
 
-    summary = {"steps": total_steps, "final_loss": float(np.mean(losses[-20:])), "losses": losses}
+    summary = {"steps": total_steps, "final_loss": float(np.mean(losses[-20:])), "losses": losses,
+               "replica_fingerprints": check_replicas(model, dist)}
     if dist.main:
         ema_model = copy.deepcopy(model)
         ema.copy_to(ema_model)

@@ -15,6 +15,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every test logs to a throw-away SQLite store, never to the project's mlflow.db."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 @pytest.fixture(scope="session")
 def project_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -85,4 +98,66 @@ def photo_folder(tmp_path, photos) -> Path:
     write_png(folder / "coffee.png", photos["coffee"][:180, :220])
     import cv2
     cv2.imwrite(str(folder / "rocket.jpg"), cv2.cvtColor(photos["rocket"][:200, :200], cv2.COLOR_RGB2BGR))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, project_params, photos) -> Path:
+    """A small real shard set (3 photos, 48 px crops) shared by the training tests."""
+    from tasks.synthesize import synthesize
+
+    root = tmp_path_factory.mktemp("shards")
+    for name in ("astronaut", "chelsea", "coffee"):
+        write_png(root / "clean" / f"{name}.png", photos[name][:160, :160])
+    cfg = copy.deepcopy(project_params["synthesize"])
+    cfg.update(crop_size=48, samples_per_image=8, workers=1, shard_maxcount=16, min_size=32, val_fraction=0.34)
+    synthesize(cfg, source=str(root / "clean"), out=str(root / "shards"), progress=False)
+    return root / "shards"
+
+
+@pytest.fixture
+def train_params(project_params) -> dict:
+    """The training sections shrunk to seconds: tiny model, 32 px patches, a handful of steps."""
+    params = copy.deepcopy(project_params)
+    params["pretrain"].update(patch=32, batch=4, steps=12, warmup_steps=2, checkpoint_every=4, log_every=2,
+                              workers=0, shuffle_buffer=16, device="cpu")
+    params["adapters"].update(patch=32, batch=4, steps=6, warmup_steps=1, log_every=2, device="cpu", val_samples=4,
+                              degradations=["noise", "haze"])
+    params["estimator"].update(batch=8, steps=6, warmup_steps=1, sw_steps=2, log_every=2, device="cpu",
+                               crop_size=32, view_size=32, val_samples=4)
+    return params
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server per session (per xdist worker), shared by every test that runs flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def make_components(folder: Path, names=("rain", "haze"), seed: int = 0) -> Path:
+    """A tiny, untrained but complete system in the checkpoints layout: backbone.safetensors,
+    adapters/<name>.safetensors (LoRA with non-zero weights, so each changes the output) and
+    estimator.safetensors (class names = `names`)."""
+    import torch
+
+    from models.adapters import AdapterBank
+    from models.backbone import build_backbone, save_backbone
+    from models.estimator import Estimator, save_estimator
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = build_backbone("tiny")
+    save_backbone(backbone, folder / "backbone.safetensors")
+    bank = AdapterBank(backbone, kind="lora", rank=4, alpha=4.0)
+    for name in names:
+        bank.add(name)
+        with torch.no_grad():
+            for param in bank.parameters_of(name):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        bank.save(name, folder / "adapters" / f"{name}.safetensors")
+    estimator = Estimator(len(names), width=4, crops=1, crop_size=16, view_size=16, class_names=list(names))
+    save_estimator(estimator, folder / "estimator.safetensors")
     return folder

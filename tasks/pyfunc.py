@@ -1,0 +1,134 @@
+"""`abair-restorer` as an MLflow pyfunc: the exact component files plus the code that runs them.
+
+    model = mlflow.pyfunc.load_model("models:/abair-restorer@champion")
+    restored = model.predict(image)             # uint8 HxWx3 -> uint8 HxWx3
+
+The model folder holds the component files as pyfunc artifacts, in the checkpoints/ layout
+(artifacts/backbone.safetensors, artifacts/adapters/*.safetensors, artifacts/estimator.safetensors),
+and a snapshot of the `models` and `tasks` packages (code_paths), so it loads in a process that
+has torch, mlflow, safetensors and OpenCV but not this project.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+from tasks.errors import AbairError
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("models", "tasks")
+DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": 512 * 512}
+# What the model folder needs at load time besides its bundled code (versions as in pyproject).
+PIP_REQUIREMENTS = ["torch==2.13.0", "mlflow==3.17.2", "safetensors>=0.4", "numpy>=1.26", "opencv-python-headless>=4.9",
+                    "boto3>=1.34"]
+
+
+def signature():
+    """uint8 HxWx3 in, uint8 HxWx3 out, any size; `mode` (sw | oh) per call."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    image = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))])
+    return ModelSignature(inputs=image, outputs=image, params=ParamSchema([ParamSpec("mode", "string", "sw")]))
+
+
+def input_example() -> np.ndarray:
+    """A 16x16 colour ramp: small enough to store with every version."""
+    y, x = np.mgrid[0:16, 0:16]
+    return np.stack([x * 16, y * 16, (x + y) * 8], axis=2).astype(np.uint8)
+
+
+class RestorerModel(mlflow.pyfunc.PythonModel):
+    """predict(image or list of images, params={"mode": "sw" | "oh"}) -> restored uint8 image(s)."""
+
+    def load_context(self, context):
+        from tasks.restore import pick_device
+        from tasks.system import load_system
+
+        config = {**DEFAULT_CONFIG, **(context.model_config or {})}
+        self.mode = config["mode"]
+        self.max_pixels = config["max_pixels"]
+        self.restorer = load_system(context.artifacts["backbone"], context.artifacts["adapters"],
+                                    context.artifacts["estimator"], pick_device(config["device"]))
+
+    # np.ndarray tells MLflow not to derive a schema from the hint: the signature is the schema
+    def predict(self, context, model_input: np.ndarray, params=None):
+        from tasks.restore import restore_rgb
+
+        mode = (params or {}).get("mode") or self.mode
+        if mode not in ("sw", "oh"):
+            raise ValueError(f"mode must be sw or oh, got {mode!r}")
+        single = isinstance(model_input, np.ndarray) and model_input.ndim == 3
+        images = [model_input] if single else list(model_input)
+        outputs = []
+        for i, image in enumerate(images):
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected uint8 HxWx3, got {image.dtype} {image.shape}")
+            restored, _ = restore_rgb(self.restorer, image.astype(np.float32) / 255.0, mode, self.max_pixels)
+            outputs.append((np.clip(restored, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+        return outputs[0] if single else outputs
+
+
+def _stage_code(folder: Path) -> list[str]:
+    """Copies of the packages without caches (code_paths copies folders verbatim)."""
+    paths = []
+    for package in CODE_PACKAGES:
+        target = folder / package
+        shutil.copytree(ROOT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(target))
+    return paths
+
+
+def save_restorer(checkpoints: str | Path, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write the pyfunc model folder for the components in `checkpoints` to `path` (must not exist)."""
+    from tasks.system import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
+
+    checkpoints = Path(checkpoints)
+    artifacts = {"backbone": checkpoints / BACKBONE_FILE, "adapters": checkpoints / ADAPTER_DIR,
+                 "estimator": checkpoints / ESTIMATOR_FILE}
+    for key, artifact in artifacts.items():
+        if not artifact.exists():
+            raise AbairError(artifact, f"missing: the {key} is needed to build the restorer model")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    # the model class is pickled by reference to tasks.pyfunc (bundled below), not by value, so
+    # MLflow's warning about pickled code does not apply
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="abair-code-") as tmp:
+            mlflow.pyfunc.save_model(
+                path=str(path), python_model=RestorerModel(), artifacts={k: str(v) for k, v in artifacts.items()},
+                code_paths=_stage_code(Path(tmp)), signature=signature(), input_example=input_example(),
+                pip_requirements=PIP_REQUIREMENTS, model_config=dict(DEFAULT_CONFIG), metadata=metadata or {})
+    finally:
+        pyfunc_log.setLevel(level)
+    return Path(path)
+
+
+def components_dir(model_dir: str | Path) -> Path:
+    """The checkpoints-layout folder of a model: itself when it is one, else the pyfunc model's
+    artifacts folder (where the component files were stored by name)."""
+    from tasks.system import BACKBONE_FILE
+
+    model_dir = Path(model_dir)
+    if (model_dir / BACKBONE_FILE).is_file():
+        return model_dir
+    if (model_dir / "MLmodel").is_file():
+        import yaml
+
+        conf = yaml.safe_load((model_dir / "MLmodel").read_text())
+        backbone = ((conf.get("flavors", {}).get("python_function", {}).get("artifacts") or {}).get("backbone") or {})
+        if backbone.get("path"):
+            folder = (model_dir / backbone["path"]).parent
+            if (folder / BACKBONE_FILE).is_file():
+                return folder
+    raise AbairError(model_dir, f"not a model folder (no {BACKBONE_FILE}, and not an abair-restorer pyfunc model)")

@@ -1,0 +1,366 @@
+"""`abair restore`: images in, restored images out, in the form they came in.
+
+What is kept: size, bit depth (8 or 16 bit in, the same out), grayscale (restored as three equal
+channels, written back as one), alpha (set aside, re-attached untouched), format (JPEG out at the
+quality estimated from the input's quantisation tables). EXIF orientation is applied on reading,
+so outputs are upright and carry no orientation tag. Any size: large images run in overlapping
+tiles under a pixel budget while the estimator still sees the whole image once.
+
+The model is a registry reference (`models:/abair-restorer@champion`, `models:/abair-restorer/3`),
+a local folder of components (backbone.safetensors, adapters/, estimator.safetensors) or a
+downloaded pyfunc model folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from tasks import imageio, storage
+from tasks.errors import AbairError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "models:/abair-restorer@champion"
+# Per-tile pixel budget: 512 x 512 tiles keep the `large` backbone under a few GB of activations.
+DEFAULT_MAX_PIXELS = 512 * 512
+# Used when a JPEG's quantisation tables cannot be read.
+DEFAULT_JPEG_QUALITY = 95
+MIN_SIDE = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise AbairError("--device", f"{spec} requested but no CUDA device is available")
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise AbairError("--device", f"must be auto, cpu or cuda, got {spec!r}")
+    return torch.device(spec)
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
+    """(Restorer, description) from a registry reference or a local folder."""
+    from tasks.system import load_system_dir
+
+    torch_device = pick_device(device)
+    if spec.startswith("models:/"):
+        from tasks import registry
+
+        version = registry.resolve(spec)
+        if version.name != registry.RESTORER:
+            raise AbairError(spec, f"is a {version.name} version; restoring needs an {registry.RESTORER} model")
+        with tempfile.TemporaryDirectory(prefix="abair-model-") as tmp:
+            folder = registry.download_components(version, Path(tmp) / "checkpoints")
+            restorer = load_system_dir(folder, torch_device)
+        return restorer, f"{spec} ({version.name} version {version.version})"
+    path = Path(spec)
+    if not path.exists():
+        raise AbairError(spec, "no such model folder (and not a models:/ URI)")
+    from tasks.pyfunc import components_dir
+
+    return load_system_dir(components_dir(path), torch_device), str(path)
+
+
+def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight})."""
+    device = next(restorer.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
+    restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels)
+    out = restored[0].permute(1, 2, 0).float().cpu().numpy()
+    used = {} if weights is None else {n: float(w) for n, w in zip(restorer.names, weights[0].cpu().tolist())}
+    return out, used
+
+
+def format_weights(weights: dict[str, float]) -> str:
+    return ", ".join(f"{n} {w:.2f}" for n, w in sorted(weights.items(), key=lambda item: (-item[1], item[0])))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and writing in the input's own form
+
+
+@dataclass
+class Decoded:
+    rgb: np.ndarray              # float32 HxWx3 in [0, 1], upright
+    dtype: np.dtype              # stored sample type (uint8, uint16 or float32)
+    channels: int                # stored channel count (1, 3 or 4)
+    gray: bool                   # stored as gray, or colour with three equal channels
+    alpha: np.ndarray | None     # the stored alpha channel, upright, untouched
+    orientation: int             # EXIF orientation applied (1: none)
+    jpeg_quality: int | None     # estimated source quality for JPEG inputs
+    quality_estimated: bool = False
+
+
+def exif_orientation(data: bytes) -> int:
+    """EXIF orientation (1-8) of an encoded image, 1 when absent or unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - no EXIF reader for this format: nothing to apply
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The EXIF transform that makes the stored pixels upright (as viewers display them)."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: np.swapaxes(a, 0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](pixels))
+
+
+def jpeg_quant_tables(data: bytes) -> dict[int, tuple[int, ...]]:
+    """Quantisation tables (id -> 64 values, file order) from a JPEG's DQT segments."""
+    tables: dict[int, tuple[int, ...]] = {}
+    if data[:2] != b"\xff\xd8":
+        return tables
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan: no tables after this
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if marker == 0xDB:
+            i = 0
+            while i < len(segment):
+                precision, table_id = segment[i] >> 4, segment[i] & 0x0F
+                size = 128 if precision else 64
+                raw = segment[i + 1:i + 1 + size]
+                if len(raw) < size:
+                    break
+                values = raw if not precision else [int.from_bytes(raw[k:k + 2], "big") for k in range(0, 128, 2)]
+                tables[table_id] = tuple(values)
+                i += 1 + size
+        pos += 2 + length
+    return tables
+
+
+_REFERENCE_TABLES: dict[int, tuple[int, ...]] = {}
+
+
+def _reference_table(quality: int) -> tuple[int, ...]:
+    """The luminance table OpenCV's libjpeg writes at `quality`."""
+    if quality not in _REFERENCE_TABLES:
+        ok, buf = cv2.imencode(".jpg", np.zeros((8, 8), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        _REFERENCE_TABLES[quality] = jpeg_quant_tables(buf.tobytes()).get(0, ())
+    return _REFERENCE_TABLES[quality]
+
+
+def estimate_jpeg_quality(data: bytes) -> int | None:
+    """The IJG quality (1-100) whose luminance table is nearest the file's; None without tables.
+
+    Exact for files written by libjpeg-based encoders (OpenCV, Pillow, most cameras' software);
+    for custom tables it is the closest standard quality, which keeps the file size about the same.
+    """
+    table = jpeg_quant_tables(data).get(0)
+    if not table:
+        return None
+    ours = np.asarray(table, np.int64)
+    best, best_err = None, None
+    for quality in range(1, 101):
+        reference = np.asarray(_reference_table(quality), np.int64)
+        if reference.shape != ours.shape:
+            continue
+        err = int(np.abs(reference - ours).sum())
+        if best_err is None or err < best_err:
+            best, best_err = quality, err
+        if err == 0:
+            break
+    return best
+
+
+def is_jpeg(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".jpg", ".jpeg")
+
+
+def decode_image(data: bytes, name: str) -> Decoded:
+    raw = imageio.decode(data, name)   # RGB(A), as stored: uint8 / uint16 / float
+    if raw.ndim == 3 and raw.shape[2] == 2:  # gray + alpha (OpenCV usually expands it to 4)
+        raw = np.stack([raw[:, :, 0]] * 3 + [raw[:, :, 1]], axis=2)
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    if min(raw.shape[:2]) < MIN_SIDE:
+        raise AbairError(name, f"image is too small to restore ({raw.shape[1]}x{raw.shape[0]} px)")
+    if channels not in (1, 3, 4):
+        raise AbairError(name, f"{channels}-channel images are not supported (gray, RGB or RGBA)")
+    orientation = exif_orientation(data)
+    raw = apply_orientation(raw, orientation)
+    alpha = raw[:, :, 3].copy() if channels == 4 else None
+    quality, estimated = None, False
+    if is_jpeg(name) or data[:2] == b"\xff\xd8":
+        quality = estimate_jpeg_quality(data)
+        estimated = quality is not None
+        quality = quality or DEFAULT_JPEG_QUALITY
+    return Decoded(rgb=imageio.to_float_rgb(raw), dtype=raw.dtype, channels=channels, gray=imageio.is_grayscale(raw),
+                   alpha=alpha, orientation=orientation, jpeg_quality=quality, quality_estimated=estimated)
+
+
+def to_stored(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float [0, 1] -> the input's sample type, rounded."""
+    img = np.clip(img, 0.0, 1.0)
+    if dtype == np.uint8:
+        return (img * 255.0 + 0.5).astype(np.uint8)
+    if dtype == np.uint16:
+        return (img * 65535.0 + 0.5).astype(np.uint16)
+    return img.astype(np.float32)
+
+
+def encode_like(restored: np.ndarray, source: Decoded, suffix: str, quality: int | None = None) -> bytes:
+    """The restored float RGB image encoded in the source's form (bit depth, channels, alpha, format)."""
+    img = restored
+    if source.gray:
+        gray = cv2.cvtColor(np.ascontiguousarray(img, dtype=np.float32), cv2.COLOR_RGB2GRAY)
+        img = gray if source.channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
+    pixels = to_stored(img, source.dtype)
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+        if source.alpha is not None:
+            pixels = np.concatenate([pixels, source.alpha[:, :, None].astype(pixels.dtype)], axis=2)
+    elif source.alpha is not None:  # gray output, alpha kept: OpenCV writes gray+alpha as BGRA
+        pixels = np.concatenate([np.repeat(pixels[:, :, None], 3, axis=2), source.alpha[:, :, None]], axis=2)
+    suffix = suffix.lower()
+    params: list[int] = []
+    if suffix in (".jpg", ".jpeg"):
+        if pixels.dtype != np.uint8:
+            raise AbairError(suffix, "JPEG holds 8-bit images only")
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality or source.jpeg_quality or DEFAULT_JPEG_QUALITY)]
+    elif suffix == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode(suffix, pixels, params)
+    if not ok:
+        raise AbairError(suffix, f"could not encode a {pixels.dtype} image with {pixels.shape[-1] if pixels.ndim == 3 else 1} channels")
+    return buf.tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Which files, written where
+
+
+@dataclass(frozen=True)
+class Job:
+    source: str
+    target: Path
+
+
+def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Job]:
+    """Every input image and its output path: folders keep their relative layout, files and
+    glob matches go to `out` by name. Refuses to overwrite an input (unless `overwrite`) and to
+    write two inputs to one name."""
+    out = Path(out)
+    jobs: list[Job] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_dir():
+            entries = storage.list_files(path, imageio.IMAGE_SUFFIXES)
+            if not entries:
+                raise AbairError(spec, "no images in this folder")
+            jobs += [Job(e.uri, out / e.relpath) for e in entries]
+        elif path.is_file():
+            jobs.append(Job(str(path), out / path.name))
+        elif glob.has_magic(spec):
+            matches = sorted(m for m in glob.glob(spec, recursive=True)
+                             if Path(m).is_file() and m.lower().endswith(imageio.IMAGE_SUFFIXES))
+            if not matches:
+                raise AbairError(spec, "no images match this pattern")
+            jobs += [Job(m, out / Path(m).name) for m in matches]
+        else:
+            raise AbairError(spec, "no such file or folder")
+    seen: dict[Path, str] = {}
+    sources = {Path(j.source).resolve() for j in jobs}
+    for job in jobs:
+        target = job.target.resolve()
+        if target in seen:
+            raise AbairError(job.source, f"would be written to {job.target} as {seen[target]} is too (restore them separately)")
+        seen[target] = job.source
+        if target in sources and not overwrite:
+            raise AbairError(job.source, f"would be overwritten by its restored image (choose another --out, or pass --overwrite)")
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path = "restored", mode: str = "sw",
+                  device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False,
+                  quality: int | None = None, progress: bool | None = None, echo=print) -> dict:
+    """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
+    is reported and skipped; the run then ends with an AbairError naming how many failed."""
+    from tqdm import tqdm
+
+    if mode not in ("sw", "oh"):
+        raise AbairError("--mode", f"must be sw or oh, got {mode!r}")
+    jobs = plan(inputs, out, overwrite)
+    restorer, described = load_model(model, device)
+    echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}")
+    show_bar = len(jobs) > 1 if progress is None else progress
+    bar = tqdm(jobs, desc="restore", unit="img", disable=not show_bar, dynamic_ncols=True)
+    write = bar.write if show_bar else echo
+    done, failed, pixels = [], [], 0
+    start = time.perf_counter()
+    for job in bar:
+        try:
+            data = storage.read_bytes(job.source)
+            source = decode_image(data, job.source)
+            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels)
+            encoded = encode_like(restored, source, job.target.suffix, quality)
+            storage.write_bytes(job.target, encoded)
+        except AbairError as exc:
+            failed.append({"source": job.source, "error": exc.problem})
+            write(f"error: {exc}")
+            continue
+        h, w = source.rgb.shape[:2]
+        pixels += h * w
+        extra = f", jpeg q{encoded_quality(source, quality)}" if is_jpeg(job.target) else ""
+        write(f"{job.source}: restored -> {job.target} (weights: {format_weights(weights)}{extra})")
+        done.append({"source": job.source, "target": str(job.target), "weights": weights, "size": [w, h],
+                     "orientation": source.orientation})
+    bar.close()
+    seconds = max(time.perf_counter() - start, 1e-9)
+    summary = {"images": done, "failed": failed, "seconds": seconds, "images_per_s": len(done) / seconds,
+               "megapixels_per_s": pixels / 1e6 / seconds}
+    if len(jobs) > 1:
+        echo(f"restored {len(done)} images ({pixels / 1e6:.2f} MP) in {seconds:.1f} s: "
+             f"{summary['images_per_s']:.2f} images/s, {summary['megapixels_per_s']:.2f} MP/s")
+    if failed:
+        raise AbairError(f"{len(failed)} of {len(jobs)} images", "could not be restored (errors above)")
+    return summary
+
+
+def encoded_quality(source: Decoded, quality: int | None) -> str:
+    if quality is not None:
+        return f"{quality}"
+    return f"{source.jpeg_quality}" + (" as estimated" if source.quality_estimated else " (default)")
+

@@ -1,0 +1,336 @@
+"""Backbone, estimator, restorer: shapes, checkpoints, modes, tiling, parameter budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.adapters import AdapterBank
+from models.backbone import (SIZES, BackboneConfig, LayerNorm2d, build_backbone, fingerprint, load_backbone,
+                             read_backbone_metadata, save_backbone)
+from models.checkpoint import CheckpointError
+from models.estimator import Estimator, load_estimator, save_estimator
+from models.restorer import Restorer, param_counts, tile_starts
+
+CLASSES = ["rain", "haze", "noise", "blur", "lowlight"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(1)
+    return build_backbone("tiny", seg_classes=len(CLASSES)).eval()
+
+
+def smooth_images(b=1, h=96, w=96, noise=0.03):
+    """Photo-like test images: smooth content plus a little noise, in [0, 1]."""
+    base = torch.rand(b, 3, max(h // 10, 2), max(w // 10, 2))
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bicubic", align_corners=False)
+    return (x + noise * torch.randn_like(x)).clamp(0, 1)
+
+
+# -- backbone ----------------------------------------------------------------------------------
+
+
+def test_layernorm_matches_restormer_withbias():
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 5, 7)
+    tokens = x.flatten(2).transpose(1, 2)                       # Restormer: b (h w) c
+    mu = tokens.mean(-1, keepdim=True)
+    var = tokens.var(-1, keepdim=True, unbiased=False)
+    ref = (tokens - mu) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
+    ref = ref.transpose(1, 2).reshape(2, 6, 5, 7)
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x.to(memory_format=torch.channels_last)), ref, atol=1e-5, rtol=1e-5)
+
+
+BUDGETS = {"tiny": (0, 1_000_000), "base": (24e6, 28e6), "large": (50e6, 65e6)}
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large"])
+def test_forward_odd_size_and_parameter_budget(size):
+    # (adapters on every size: tests/test_models_adapters.py::test_bank_forward_odd_size_both_kinds)
+    model = build_backbone(size, seg_classes=3).eval()
+    low, high = BUDGETS[size]
+    assert low <= param_counts(model)["backbone"] < high
+    x = torch.rand(1, 3, 37, 53)
+    with torch.no_grad():
+        restored, seg = model(x, with_seg=True)
+    assert restored.shape == x.shape
+    assert seg.shape == (1, 3, 37, 53)
+
+
+def test_prompt_variant_and_tiny_input(tiny):
+    model = build_backbone("tiny", prompt=True).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 37, 53)).shape == (2, 3, 37, 53)
+        assert model(torch.rand(1, 3, 5, 3)).shape == (1, 3, 5, 3)   # smaller than the multiple: replicate pad
+        assert tiny(torch.rand(1, 3, 1, 1)).shape == (1, 3, 1, 1)
+
+
+def test_lora_targets_addressable_by_suffix(tiny):
+    names = [n for n, _ in tiny.named_modules()]
+    for suffix in ("attn.qkv", "attn.project_out", "ffn.project_in", "ffn.project_out"):
+        assert any(n.endswith("." + suffix) for n in names), suffix
+
+
+def test_estimator_budget():
+    assert param_counts(estimator=Estimator(len(CLASSES)))["estimator"] < 1_000_000
+
+
+def test_drop_seg_head_changes_no_pixel():
+    model = build_backbone("tiny", seg_classes=5).eval()
+    x = torch.rand(2, 3, 40, 44)
+    before_fp = fingerprint(model)
+    with torch.no_grad():
+        restored, _ = model(x, with_seg=True)
+        model.drop_seg_head()
+        after = model(x)
+    assert torch.equal(restored, after)
+    assert model.seg_head is None and model.config.seg_classes == 0
+    assert fingerprint(model) == before_fp
+    with pytest.raises(RuntimeError):
+        model(x, with_seg=True)
+
+
+def test_fingerprint_tracks_weights_not_adapters_or_layout():
+    model = build_backbone("tiny", seg_classes=5)
+    fp = fingerprint(model)
+    assert len(fp) == 16 and fp == fingerprint(model)
+    model.to(memory_format=torch.channels_last)
+    assert fingerprint(model) == fp
+    with torch.no_grad():
+        model.seg_head[0].weight.add_(1.0)
+    assert fingerprint(model) == fp
+    bank = AdapterBank(model, kind="lora")
+    bank.add("rain")
+    assert fingerprint(model) == fp
+    with torch.no_grad():
+        for p in bank.parameters_of("rain"):
+            p.add_(0.1)
+    bank.merge("rain")
+    assert fingerprint(model) == fp
+    bank.unmerge()
+    with torch.no_grad():
+        model.patch_embed.weight[0, 0, 0, 0] += 1e-3
+    assert fingerprint(model) != fp
+
+
+def test_backbone_checkpoint_round_trip(tmp_path):
+    model = build_backbone("tiny", seg_classes=5, prompt=True).eval()
+    path = save_backbone(model, tmp_path / "backbone.safetensors", extra_metadata={"epoch": 3, "note": "x"})
+    assert not list(tmp_path.glob(".*tmp*"))
+    meta = read_backbone_metadata(path)
+    assert meta["fingerprint"] == fingerprint(model) and json.loads(meta["epoch"]) == 3 and meta["note"] == "x"
+    loaded = load_backbone(path).eval()
+    assert loaded.config == model.config
+    assert fingerprint(loaded) == fingerprint(model)
+    x = torch.rand(1, 3, 37, 53)
+    with torch.no_grad():
+        a, sa = model(x, with_seg=True)
+        b, sb = loaded(x, with_seg=True)
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+
+    # saving a backbone that carries adapters stores the plain backbone
+    bank = AdapterBank(model)
+    bank.add("rain")
+    again = save_backbone(model, tmp_path / "again.safetensors")
+    assert read_backbone_metadata(again)["fingerprint"] == meta["fingerprint"]
+    assert fingerprint(load_backbone(again)) == meta["fingerprint"]
+
+
+def test_backbone_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.safetensors: file not found"):
+        load_backbone(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="junk.safetensors: unreadable"):
+        load_backbone(junk)
+    est = tmp_path / "estimator.safetensors"
+    save_estimator(Estimator(2), est)
+    with pytest.raises(CheckpointError, match="estimator.safetensors: is a 'abair-estimator' file"):
+        load_backbone(est)
+    good = save_backbone(build_backbone("tiny"), tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+        load_backbone(truncated)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown backbone size"):
+        build_backbone("huge")
+    with pytest.raises(ValueError, match="heads"):
+        BackboneConfig(dim=10, heads=(1, 2, 3, 8))
+    config = BackboneConfig.from_dict(json.loads(SIZES["base"].to_json()))
+    assert config == SIZES["base"]
+
+
+def test_autocast_bf16_and_channels_last(tiny):
+    x = torch.rand(2, 3, 24, 32)
+    with torch.no_grad():
+        ref = tiny(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny(x)
+        try:
+            tiny.to(memory_format=torch.channels_last)
+            out = tiny(x.to(memory_format=torch.channels_last))
+        finally:
+            tiny.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().mean() < 0.05
+
+
+# -- estimator -----------------------------------------------------------------------------------
+
+
+def test_estimator_modes_and_growth(tmp_path):
+    est = Estimator(len(CLASSES), class_names=CLASSES).eval()
+    x = torch.rand(3, 3, 150, 90)
+    with torch.no_grad():
+        sw = est.weights(x, "sw")
+        oh = est.weights(x, "oh")
+        hot = est.weights(x, "sw", temperature=0.01)
+        logits = est(x)
+    torch.testing.assert_close(sw.sum(1), torch.ones(3))
+    assert set(oh.unique().tolist()) <= {0.0, 1.0} and torch.equal(oh.sum(1), torch.ones(3))
+    assert torch.equal(oh.argmax(1), sw.argmax(1)) and hot.max(1).values.min() > 0.9
+
+    assert est.add_output("snow") == 5 and est.class_names[-1] == "snow"
+    with torch.no_grad():
+        grown = est(x)
+    assert grown.shape == (3, 6) and torch.equal(grown[:, :5], logits)
+
+    path = save_estimator(est, tmp_path / "estimator.safetensors")
+    loaded = load_estimator(path).eval()
+    assert loaded.class_names == CLASSES + ["snow"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), grown)
+    with torch.no_grad():
+        small = est(torch.rand(1, 3, 20, 30))      # smaller than the native crops
+    assert small.shape == (1, 6)
+
+
+def test_frozen_everything_but_estimator_gets_gradients():
+    """Phase III end to end: backbone and adapters frozen, the loss trains only the estimator."""
+    model = build_backbone("tiny")
+    bank = AdapterBank(model, kind="lora")
+    for name in CLASSES:
+        bank.add(name)
+        with torch.no_grad():
+            for p in bank.parameters_of(name):
+                p.normal_(0, 0.05)
+    bank.freeze_backbone(trainable=[])
+    est = Estimator(len(CLASSES))
+    x = torch.rand(2, 3, 48, 48)
+    with bank.weights(est.weights(x, "sw")):
+        loss = (model(x) - x).abs().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in est.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- restorer ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system():
+    torch.manual_seed(2)
+    model = build_backbone("tiny").eval()
+    bank = AdapterBank(model, kind="lora")
+    for name in CLASSES:
+        bank.add(name)
+        with torch.no_grad():
+            for p in bank.parameters_of(name):
+                p.normal_(0, 0.05)
+    est = Estimator(len(CLASSES), class_names=CLASSES)
+    return Restorer(model, bank, est)
+
+
+def test_restorer_modes(system):
+    x = smooth_images(2, 37, 53)
+    none, w_none = system.restore(x, mode="none")
+    assert w_none is None and none.shape == x.shape and 0 <= none.min() and none.max() <= 1
+    with torch.no_grad():
+        assert torch.equal(none, system.backbone(x).clamp(0, 1))
+
+    with pytest.raises(ValueError, match="oracle"):
+        system.restore(x, mode="oracle")
+    with pytest.raises(ValueError, match="mode must be"):
+        system.restore(x, mode="magic")
+
+    truth = torch.tensor([[0, 0, 1.0, 0, 0], [0, 1.0, 0, 0, 0]])
+    oracle, w = system.restore(x, mode="oracle", weights=truth)
+    assert torch.equal(w, truth)
+    with torch.no_grad(), system.bank.weights(truth):
+        assert torch.equal(oracle, system.backbone(x).clamp(0, 1))
+
+    sw, w_sw = system.restore(x, mode="sw")
+    torch.testing.assert_close(w_sw.sum(1), torch.ones(2))
+    oh, w_oh = system.restore(x, mode="oh")
+    assert torch.equal(w_oh.sum(1), torch.ones(2)) and torch.equal(w_oh.argmax(1), w_sw.argmax(1))
+    assert not torch.equal(none, oh)  # the adapters do something
+
+
+def test_restorer_one_hot_merge_path_equals_bank_path(system):
+    x = smooth_images(2, 40, 40)
+    same = torch.tensor([[0, 0, 0, 1.0, 0]] * 2)
+    merged, _ = system.restore(x, mode="oh", weights=same)           # merges "blur", runs, unmerges
+    banked, _ = system.restore(x, mode="oracle", weights=same)       # per-sample path
+    assert (merged - banked).abs().max() < 1e-5
+    assert system.bank.merged is None
+
+
+def test_restorer_names_reorder_to_bank_columns(system):
+    x = smooth_images(1, 32, 32)
+    reordered = Restorer(system.backbone, system.bank, names=["lowlight", "rain"])
+    a, _ = reordered.restore(x, mode="oracle", weights=torch.tensor([[0.25, 0.75]]))
+    b, _ = system.restore(x, mode="oracle", weights=torch.tensor([[0.75, 0, 0, 0, 0.25]]))
+    assert torch.equal(a, b)
+
+
+def test_tiled_matches_whole_and_has_no_seams(system):
+    """Restormer's attention is global over the pixels, so tiles cannot equal the whole image
+    exactly; the differences are small and spread evenly, and blending leaves no seam."""
+    x = smooth_images(1, 256, 200)
+    weights = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1]])
+    whole, _ = system.restore(x, mode="oracle", weights=weights)
+    tiled, _ = system.restore(x, mode="oracle", weights=weights, tile=128, overlap=32)
+    assert tiled.shape == whole.shape
+    diff = (tiled - whole).abs()
+    # measured on this seed: max ~0.013, mean ~0.0012 (see benchmarks/results/model_speed.md)
+    assert diff.mean() < 5e-3 and diff.max() < 0.05
+
+    # seams: the horizontal/vertical steps across tile edges are no larger in the tiled image
+    # than in the whole-image result at the same places, nor than the typical step elsewhere
+    for axis, size in ((3, 200), (2, 256)):
+        step_tiled = tiled.diff(dim=axis).abs().mean(dim=(0, 1, 5 - axis))
+        step_whole = whole.diff(dim=axis).abs().mean(dim=(0, 1, 5 - axis))
+        starts = tile_starts(size, 128, 32)
+        edges = sorted({s - 1 for s in starts[1:]} | {s + 127 for s in starts[:-1]})
+        assert (step_tiled[edges] <= step_whole[edges] * 1.25 + 2e-3).all()
+        assert step_tiled[edges].mean() <= 1.5 * step_tiled.mean()
+
+    # a memory budget picks the tile size; an image inside one tile runs whole
+    budget, _ = system.restore(x, mode="oracle", weights=weights, max_pixels=128 * 128)
+    assert torch.equal(budget, tiled)
+    small, _ = system.restore(x[..., :100, :100], mode="oracle", weights=weights, tile=128)
+    ref, _ = system.restore(x[..., :100, :100], mode="oracle", weights=weights)
+    assert torch.equal(small, ref)
+
+
+def test_param_counts_sum(system):
+    counts = param_counts(system.backbone, system.bank, system.estimator)
+    assert counts["adapters"] == sum(counts["per_adapter"].values()) == 5 * counts["per_adapter"]["rain"]
+    assert counts["total"] == counts["backbone"] + counts["seg_head"] + counts["adapters"] + counts["estimator"]
+    every = sum(p.numel() for p in system.backbone.parameters()) + counts["estimator"]
+    assert counts["total"] == every

@@ -109,8 +109,16 @@ def cmd_estimator(args) -> None:
                     shards=args.shards, out=args.out, reports=args.reports)
 
 
+def cmd_profile(args) -> None:
+    from tasks.profiles import apply_profile
+
+    changed = apply_profile(args.profile, args.params)
+    print(f"{args.params}: {len(changed)} value(s) changed by profile {args.profile}" +
+          "".join(f"\n  {key}" for key in changed))
+
+
 # Modules that add their own subcommands: each has add_commands(subparsers, with_params).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("flows.registry", "flows.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", default="preview.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("profile", help="merge a params overlay (profiles/NAME.yaml) into params.yaml")
+    p.add_argument("action", choices=["apply"])
+    p.add_argument("profile", help="a name under profiles/ (gpu, minimal, bench) or a YAML path")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_profile)
 
     import importlib
 

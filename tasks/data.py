@@ -155,7 +155,9 @@ class ShardStream(IterableDataset):
             return True
         if isinstance(exc, AbairError):
             raise exc
-        raise AbairError("shard", f"unreadable ({type(exc).__name__}: {exc})") from exc
+        # webdataset appends the shard's stream and URL to the exception's args
+        url = next((a for a in reversed(exc.args) if isinstance(a, str) and a.endswith(".tar")), "shard")
+        raise AbairError(url, f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})") from exc
 
     def __iter__(self) -> Iterator:
         import webdataset as wds

@@ -196,13 +196,13 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
                 done = step + 1
                 if dist.main and (done % cfg.get("log_every", 10) == 0 or done == total_steps):
                     now = time.perf_counter()
-                    metrics = {"loss": float(loss), "restore": float(restore_loss), "seg": float(seg_loss), "lr": lr,
+                    metrics = {"loss": float(loss.detach()), "restore": float(restore_loss.detach()), "seg": float(seg_loss.detach()), "lr": lr,
                                "img_per_s": cfg["batch"] * dist.world * cfg.get("log_every", 10) / max(now - last_time, 1e-9)}
                     if device.type == "cuda":
                         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     last_time = now
                     steplog.write(done, metrics)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{metrics['img_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
                 bar.update(1)
                 stopping = stop.requested or (stop_after is not None and done >= stop_after)
                 if dist.main and (done % cfg["checkpoint_every"] == 0 or stopping) and done < total_steps:

@@ -48,7 +48,8 @@ def _client(endpoint_url: str | None, pid: int):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 8, "mode": "standard"},
+    attempts = int(os.environ.get("ABAIR_S3_MAX_ATTEMPTS", "8"))
+    config = Config(retries={"max_attempts": attempts, "mode": "standard"},
                     connect_timeout=10, read_timeout=60)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 

@@ -109,6 +109,34 @@ def cmd_estimator(args) -> None:
                     shards=args.shards, out=args.out, reports=args.reports)
 
 
+def cmd_manifest(args) -> None:
+    from tasks.manifest import source_manifest, write_manifest
+
+    cfg = _params(args, "synthesize")
+    manifest = source_manifest(args.source or cfg["source"], cfg.get("endpoint_url"))
+    changed = write_manifest(manifest, args.out)
+    print(f"{args.out}: {len(manifest['files'])} source images, {'changed' if changed else 'unchanged'} ({manifest['hash']})")
+
+
+def cmd_retrain(args) -> None:
+    from flows.retrain import retrain_flow
+
+    result = retrain_flow(source=args.source, profile=args.profile, project_dir=args.project, push=not args.no_push,
+                          force=args.force)
+    print(f"retrain: {result['status']}")
+
+
+def cmd_serve(args) -> None:
+    """Serve the retrain (on its schedule) and promote flows from this machine: no work pool."""
+    from prefect import serve
+
+    from flows.registry import promote_flow
+    from flows.retrain import retrain_flow
+
+    serve(retrain_flow.to_deployment(name="retrain", cron=args.cron, parameters={"project_dir": args.project}),
+          promote_flow.to_deployment(name="promote"))
+
+
 def cmd_profile(args) -> None:
     from tasks.profiles import apply_profile
 
@@ -190,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", default="preview.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_preview)
+
+    p = with_params(sub.add_parser("manifest", help="list the clean source images by content (data/source_manifest.json)"))
+    p.add_argument("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)")
+    p.add_argument("--out", default="data/source_manifest.json")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("retrain", help="retrain when the clean source changed (dvc repro, push, gate) as a Prefect flow")
+    p.add_argument("--source", help="set synthesize.source first")
+    p.add_argument("--profile", help="apply a params profile first")
+    p.add_argument("--project", default=".", help="the project checkout (default: here)")
+    p.add_argument("--no-push", action="store_true", help="do not `dvc push` to the default remote")
+    p.add_argument("--force", action="store_true", help="run even when nothing changed")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("serve", help="serve the retrain (scheduled) and promote flows from this machine (flow.serve)")
+    p.add_argument("--cron", default="0 3 * * 1", help="retrain schedule (default: Mondays 03:00)")
+    p.add_argument("--project", default=".")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("profile", help="merge a params overlay (profiles/NAME.yaml) into params.yaml")
     p.add_argument("action", choices=["apply"])

@@ -38,14 +38,23 @@ def _merge(target, overlay: dict, where: str) -> list[str]:
     return changed
 
 
-def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml") -> list[str]:
+def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml",
+                  profiles: str | Path = PROFILE_DIR) -> list[str]:
     """Merge a profile into params.yaml; returns the dotted keys that changed."""
-    from ruamel.yaml import YAML
-
-    path = profile_path(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(profiles) / f"{name_or_path}.yaml"
+    path = profile_path(str(path))
     overlay = yaml.safe_load(path.read_text()) or {}
     if not isinstance(overlay, dict):
         raise AbairError(path, "a profile must be a mapping of params sections")
+    return merge_into_params(overlay, params_path, where=str(path))
+
+
+def merge_into_params(overlay: dict, params_path: str | Path = "params.yaml", where: str = "overlay") -> list[str]:
+    """Merge nested values into params.yaml in place, keeping its comments; returns what changed."""
+    from ruamel.yaml import YAML
+
     rt = YAML()
     rt.preserve_quotes = True
     rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
@@ -53,7 +62,7 @@ def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml") ->
     params = rt.load(params_path.read_text())
     unknown = [section for section in overlay if section not in params]
     if unknown:
-        raise AbairError(path, f"sections {unknown} are not in {params_path}")
+        raise AbairError(where, f"sections {unknown} are not in {params_path}")
     changed = _merge(params, overlay, "")
     with atomic_path(params_path) as tmp, tmp.open("w") as f:
         rt.dump(params, f)

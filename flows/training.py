@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import jobs, tracking
 from tasks.adapters import prune_adapters
+from tasks.errors import AbairError
 from tasks.params import load_params
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,29 @@ def adapters_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     return results
 
 
-def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[dict]:
-    """Run adapters_flow with a task runner sized to the job plan."""
+def task_runner(cfg: dict):
+    """Threads on one machine (each job is its own process anyway), or Dask across machines:
+    `runner: dask` with `dask_address` of a running scheduler, or a local cluster without one."""
+    _, _, parallel = plan_devices(cfg, len(cfg["degradations"]))
+    if cfg.get("runner", "threads") == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise AbairError("params.yaml adapters.runner", "dask needs the optional extra: pip install -e \".[dask]\"") from None
+        if cfg.get("dask_address"):
+            return DaskTaskRunner(address=cfg["dask_address"])
+        return DaskTaskRunner(cluster_kwargs={"n_workers": parallel, "threads_per_worker": 1, "processes": True})
+    if cfg.get("runner", "threads") != "threads":
+        raise AbairError("params.yaml adapters.runner", f"unknown runner {cfg['runner']!r} (threads or dask)")
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    return ThreadPoolTaskRunner(max_workers=parallel)
+
+
+def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[dict]:
+    """Run adapters_flow with the task runner params ask for, sized to the job plan."""
     cfg = load_params(params_path, "adapters", overrides)
-    _, _, parallel = plan_devices(cfg, len(cfg["degradations"]))
-    return adapters_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))(
-        params_path=params_path, overrides=overrides, **paths)
+    return adapters_flow.with_options(task_runner=task_runner(cfg))(params_path=params_path, overrides=overrides, **paths)
 
 
 @flow(name="abair-training")

@@ -121,8 +121,10 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
     from models.backbone import fingerprint, load_backbone
 
     job = job_config(cfg, name)
-    if name not in degradations.names():
-        raise AbairError(f"params.yaml adapters.degradations", f"unknown degradation {name!r}; known: {degradations.names()}")
+    if name not in degradations.names() and not job["data"]:
+        # A user's own degradation needs its paired folder; library names can be synthesised.
+        raise AbairError("params.yaml adapters.degradations", f"unknown degradation {name!r} and no paired folder "
+                         f"for it in adapters.data; known: {degradations.names()}")
     device = training.pick_device(job.get("device", "auto"))
     backbone = load_backbone(backbone_path)
     backbone.drop_seg_head()

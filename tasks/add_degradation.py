@@ -67,7 +67,7 @@ def prepare(name: str, base: str, stage: str | Path) -> dict:
     """Stage the base's backbone and adapters, and the base estimator grown to K+1 outputs.
     Returns the sha256 of every staged base file (what `check` compares against)."""
     from models.estimator import load_estimator, save_estimator
-    from tasks.pyfunc import components_dir
+    from tasks.registry import components_dir
 
     stage = Path(stage)
     shutil.rmtree(stage, ignore_errors=True)

@@ -112,23 +112,3 @@ def save_restorer(checkpoints: str | Path, path: str | Path, metadata: dict | No
     finally:
         pyfunc_log.setLevel(level)
     return Path(path)
-
-
-def components_dir(model_dir: str | Path) -> Path:
-    """The checkpoints-layout folder of a model: itself when it is one, else the pyfunc model's
-    artifacts folder (where the component files were stored by name)."""
-    from tasks.system import BACKBONE_FILE
-
-    model_dir = Path(model_dir)
-    if (model_dir / BACKBONE_FILE).is_file():
-        return model_dir
-    if (model_dir / "MLmodel").is_file():
-        import yaml
-
-        conf = yaml.safe_load((model_dir / "MLmodel").read_text())
-        backbone = ((conf.get("flavors", {}).get("python_function", {}).get("artifacts") or {}).get("backbone") or {})
-        if backbone.get("path"):
-            folder = (model_dir / backbone["path"]).parent
-            if (folder / BACKBONE_FILE).is_file():
-                return folder
-    raise AbairError(model_dir, f"not a model folder (no {BACKBONE_FILE}, and not an abair-restorer pyfunc model)")

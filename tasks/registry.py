@@ -73,6 +73,11 @@ def registry_client(must_exist: bool = True):
         if must_exist and not path.is_file():
             raise AbairError(uri, "no MLflow registry here (run `dvc repro` or `abair register` in the project, "
                                   "or set MLFLOW_TRACKING_URI)")
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry a dead server for minutes; a CLI should say so within seconds
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+            os.environ.setdefault(key, value)
     return tracking.client()
 
 
@@ -87,7 +92,11 @@ def registry_errors(what: str):
         raise
     except MlflowException as exc:
         message = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in message.lower():
+        if "Max retries exceeded" in message or "Connection refused" in message:
+            raise AbairError(what, f"registry unreachable (registry {registry_uri()})") from None
+        # a missing alias comes as INVALID_PARAMETER_VALUE "... alias X not found"
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (exc.error_code == "INVALID_PARAMETER_VALUE"
+                                                          and message.endswith("not found.")):
             raise AbairError(what, f"no such model version or alias (registry {registry_uri()})") from None
         raise AbairError(what, f"registry error: {message} (registry {registry_uri()})") from None
     except OSError as exc:
@@ -141,8 +150,7 @@ def download_components(version, dst: str | Path, client=None) -> Path:
     """Download a restorer version and return its checkpoints-layout folder of component files."""
     import mlflow.artifacts
 
-    from tasks.pyfunc import components_dir
-
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     client = client or registry_client(must_exist=True)
     what = f"models:/{version.name}/{version.version}"
     dst = Path(dst)
@@ -151,6 +159,26 @@ def download_components(version, dst: str | Path, client=None) -> Path:
         uri = client.get_model_version_download_uri(version.name, version.version)
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     return components_dir(local)
+
+
+def components_dir(model_dir: str | Path) -> Path:
+    """The checkpoints-layout folder of a model: itself when it is one, else the pyfunc model's
+    artifacts folder (where the component files were stored by name)."""
+    from tasks.system import BACKBONE_FILE
+
+    model_dir = Path(model_dir)
+    if (model_dir / BACKBONE_FILE).is_file():
+        return model_dir
+    if (model_dir / "MLmodel").is_file():
+        import yaml
+
+        conf = yaml.safe_load((model_dir / "MLmodel").read_text())
+        backbone = ((conf.get("flavors", {}).get("python_function", {}).get("artifacts") or {}).get("backbone") or {})
+        if backbone.get("path"):
+            folder = (model_dir / backbone["path"]).parent
+            if (folder / BACKBONE_FILE).is_file():
+                return folder
+    raise AbairError(model_dir, f"not a model folder (no {BACKBONE_FILE}, and not an abair-restorer pyfunc model)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     path = Path(spec)
     if not path.exists():
         raise AbairError(spec, "no such model folder (and not a models:/ URI)")
-    from tasks.pyfunc import components_dir
+    from tasks.registry import components_dir
 
     return load_system_dir(components_dir(path), torch_device), str(path)
 

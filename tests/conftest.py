@@ -14,6 +14,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist runs one test process per core: one thread each (and in their subprocesses) instead
+    # of every process fighting over every core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from tasks import restore
+import flows.registry  # noqa: F401  prefect's log handler binds to the stderr of its import: the session's, not a test's
+from flows.cli import main
 from tasks.errors import AbairError
 from tests.conftest import make_components
 
@@ -185,8 +187,6 @@ def test_inputs_by_file_and_glob_and_name_clashes(tmp_path, model_dir):
 
 
 def test_cli_prints_weights_and_throughput_and_reports_bad_images(tmp_path, model_dir, capsys):
-    from flows.cli import main
-
     folder = tmp_path / "in"
     write(folder / "good.png", (ramp(24, 24) * 255).astype(np.uint8))
     write(folder / "tiny.png", np.zeros((1, 1, 3), np.uint8))

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -122,3 +123,61 @@ def test_dvc_push_and_pull_through_an_s3_remote(tmp_path, s3_endpoint, s3_bucket
     run("dvc", "pull")
     for path in tiny_shards.iterdir():
         assert (repo / "data" / "shards" / path.name).read_bytes() == path.read_bytes()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_server_keeps_registered_models_on_s3(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    import time
+    import urllib.request
+
+    from tasks import registry
+    from tests.conftest import make_components
+
+    client, bucket = s3_bucket
+    port = free_port()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        checkpoints = make_components(tmp_path / "checkpoints")
+        result = registry.register(checkpoints, {"summary/all/sw/psnr": 21.5}, params="p0", data="d0", suite="s0",
+                                   commit="c0")
+        assert result["restorer"]["created"]
+        # The artifacts went through the server into the bucket, not onto this machine.
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="mlartifacts/")
+                for o in page.get("Contents", [])]
+        assert any(k.endswith("backbone.safetensors") for k in keys)
+        assert sum(k.endswith(".safetensors") for k in keys) >= 4  # backbone, 2 adapters, estimator (+ bundled copies)
+
+        # A fresh process loads the champion-to-be by alias from the server and restores.
+        probe = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/abair-restorer@challenger'); "
+                 "out = m.predict(np.full((20, 24, 3), 128, np.uint8)); print(out.shape, out.dtype)")
+        loaded = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MLFLOW_TRACKING_URI": url},
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        assert loaded.stdout.strip().endswith("(20, 24, 3) uint8")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

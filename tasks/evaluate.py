@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ DECIMALS = 4
 CACHE_FORMAT = "abair-evalset/1"
 SPEC_FILE = "spec.json"
 # Knobs that change how the evaluation runs (speed, memory, pictures), not what is measured.
-RUNTIME_KNOBS = ("cache", "max_pixels", "batch", "device", "temperature", "strips", "strip_crop")
+RUNTIME_KNOBS = ("cache", "max_pixels", "batch", "device", "threads", "temperature", "strips", "strip_crop")
 _SET_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 # BT.601 luma of RGB in [0, 1], as Restormer's rgb2ycbcr(y_only=True): Y in [16, 235] / 255.
 _Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
@@ -79,16 +78,19 @@ def to_y(images: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (B) in dB for images in [0, 1], capped at PSNR_CAP."""
-    from torchmetrics.functional import peak_signal_noise_ratio
+    """Per-image PSNR (B) in dB for images in [0, 1], capped at PSNR_CAP (float64 throughout)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    values = peak_signal_noise_ratio(pred.float(), target.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    values = peak_signal_noise_ratio(pred.double(), target.double(), data_range=1.0, reduction="none", dim=(1, 2, 3))
     return torch.nan_to_num(values, posinf=PSNR_CAP).clamp(max=PSNR_CAP)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (B): Gaussian window 11, sigma 1.5, over all channels."""
-    from torchmetrics.functional import structural_similarity_index_measure
+    """Per-image SSIM (B): Gaussian window 11, sigma 1.5, over all channels. In float32: CPUs
+    have no fast float64 depthwise convolution (60x slower). The cost: windowed (co)variances are
+    small differences of large means, so flat regions carry an error of a few 1e-4 (textured
+    ones about 1e-7); SSIM is reported to 3-4 decimals."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
 
@@ -445,21 +447,28 @@ def adapter_names(restorer) -> list[str]:
 
 
 def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Sequence[str]) -> list[tuple[str, str, tuple | None]]:
-    """(mode key, Restorer mode, weights) in report order; `input` has no restorer call."""
+    """(mode key, Restorer mode, weights) in report order; `input` has no restorer call.
+
+    One adapter alone runs as Restorer mode "oh" with one-hot weights: the same function as a
+    weight of 1 on that adapter, but a LoRA adapter is merged into the backbone for the pass,
+    which makes it as fast as the backbone alone. An oracle with one right adapter is that same
+    call (and so runs once); with several it blends them through mode "oracle"."""
+    def one_hot(name: str) -> tuple[float, ...]:
+        return tuple(1.0 if n == name else 0.0 for n in names)
+
     plan: list[tuple[str, str, tuple | None]] = []
     if "input" in modes:
         plan.append(("input", "input", None))
     if "none" in modes:
         plan.append(("none", "none", None))
     if "adapters" in modes:
-        for k, name in enumerate(names):
-            plan.append((f"adapter_{name}", "oracle", tuple(1.0 if j == k else 0.0 for j in range(len(names)))))
+        plan += [(f"adapter_{name}", "oh", one_hot(name)) for name in names]
     if has_estimator:
-        for mode in ("oh", "sw"):
-            if mode in modes:
-                plan.append((mode, mode, None))
+        plan += [(mode, mode, None) for mode in ("oh", "sw") if mode in modes]
     right = [n for n in spec.task if n in names]
-    if "oracle" in modes and right:
+    if "oracle" in modes and len(right) == 1:
+        plan.append(("oracle", "oh", one_hot(right[0])))
+    elif "oracle" in modes and right:
         plan.append(("oracle", "oracle", tuple(1.0 / len(right) if n in right else 0.0 for n in names)))
     return plan
 
@@ -496,7 +505,6 @@ def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None)
             if mode == "input":
                 out = x
             else:
-                # An oracle with one right adapter is exactly that adapter's pass: run it once.
                 call = (mode, weights)
                 if call not in done:
                     done[call] = restorer.restore(x, mode=mode, weights=None if weights is None else list(weights),
@@ -855,7 +863,7 @@ def plot_bars(metrics: dict, group: str, set_order: Sequence[str], path: Path) -
     labels = [*sets, "average"]
     colours = _colours(modes)
     width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(len(modes), 1) * 0.35 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.2 * len(labels) * max(len(modes), 1) + 2)), 4.6))
     x = np.arange(len(labels))
     for k, mode in enumerate(modes):
         heights = [tree[s].get(mode, {}).get("psnr", np.nan) for s in sets]
@@ -1001,20 +1009,29 @@ def evaluate_restorer(restorer, cfg: dict, shards: str = "data/shards", reports:
     names = adapter_names(restorer)
     has_estimator = bool(names) and getattr(restorer, "estimator", None) is not None
 
-    loaded = [load_set(spec, set_folder(spec, shards, cache), proto["multiple"]) for spec in specs]
+    folders = [set_folder(spec, shards, cache) for spec in specs]
+    # Every file of every set is read once up front, so a bad one stops the run before any model
+    # time is spent; the sets are then loaded again one at a time, keeping memory to one set.
+    sizes = [len(load_set(spec, folder, proto["multiple"]).inputs) for spec, folder in zip(specs, folders)]
     plans = [mode_plan(spec, names, has_estimator, proto["modes"]) for spec in specs]
-    passes = sum(len(ls.inputs) * len({(m, w) for _, m, w in plan if m != "input"}) for ls, plan in zip(loaded, plans))
+    passes = sum(n * len({(m, w) for _, m, w in plan if m != "input"}) for n, plan in zip(sizes, plans))
     log.info("evaluate: %d sets, %d images, adapters %s, estimator %s, %d image passes on %s",
-             len(specs), sum(len(ls.inputs) for ls in loaded), names or "none", "yes" if has_estimator else "no",
-             passes, device)
+             len(specs), sum(sizes), names or "none", "yes" if has_estimator else "no", passes, device)
     results: list[SetResult] = []
-    with tqdm(total=passes, desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
-        for ls, plan in zip(loaded, plans):
-            bar.set_postfix_str(f"{ls.spec.group}/{ls.spec.name}")
-            res = evaluate_set(restorer, ls, plan, cfg, device, bar)
-            results.append(res)
-            log.info("evaluate: %s/%s (%d images) PSNR %s", ls.spec.group, ls.spec.name, res.images,
-                     ", ".join(f"{k} {res.mean(k, 'psnr'):.2f}" for k in res.per_image))
+    previous_threads = torch.get_num_threads()
+    if cfg.get("threads") and device.type == "cpu":
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        with tqdm(total=passes, desc="evaluate", unit="img", disable=not progress, leave=False) as bar:
+            for spec, folder, plan in zip(specs, folders, plans):
+                bar.set_postfix_str(f"{spec.group}/{spec.name}")
+                ls = load_set(spec, folder, proto["multiple"])
+                res = evaluate_set(restorer, ls, plan, cfg, device, bar)
+                results.append(res)
+                log.info("evaluate: %s/%s (%d images) PSNR %s", ls.spec.group, ls.spec.name, res.images,
+                         ", ".join(f"{k} {res.mean(k, 'psnr'):.2f}" for k in res.per_image))
+    finally:
+        torch.set_num_threads(previous_threads)
 
     counts = param_counts(getattr(restorer, "backbone", None), getattr(restorer, "bank", None),
                           getattr(restorer, "estimator", None))
@@ -1025,8 +1042,9 @@ def evaluate_restorer(restorer, cfg: dict, shards: str = "data/shards", reports:
         info = {"checkpoints": "-", "suite": suite_fingerprint(cfg, shards), "device": str(device), "protocol": proto,
                 **(info or {})}
         write_reports(metrics, results, confusion, info, Path(reports), int(cfg.get("strip_crop", 96)))
-    summary = metrics.get("summary/all/sw/psnr", metrics.get("summary/all/none/psnr"))
-    log.info("evaluate: done in %.1f s; mean PSNR %s%s", elapsed, f"{summary:.2f} dB" if summary is not None else "-",
+    shown = next((m for m in ("sw", "none", "input") if f"summary/all/{m}/psnr" in metrics), None)
+    log.info("evaluate: done in %.1f s; mean PSNR %s%s", elapsed,
+             f"{metrics[f'summary/all/{shown}/psnr']:.2f} dB ({mode_label(shown)})" if shown else "-",
              f" -> {reports}" if reports is not None else "")
     return metrics
 

@@ -10,10 +10,13 @@ import sys
 
 from tasks.errors import AbairError
 
-try:  # the models package's checkpoint errors are the same one-line kind
-    from models.checkpoint import CheckpointError
-except ImportError:  # pragma: no cover
-    CheckpointError = AbairError
+
+
+def user_error(exc: BaseException) -> bool:
+    """AbairError, or the models package's CheckpointError: the same one-line `where: problem`
+    kind. (models is only looked up if it was imported, so the CLI starts without torch.)"""
+    checkpoint = sys.modules.get("models.checkpoint")
+    return isinstance(exc, AbairError) or (checkpoint is not None and isinstance(exc, checkpoint.CheckpointError))
 
 
 def _params(args, section: str) -> dict:
@@ -146,7 +149,7 @@ def cmd_profile(args) -> None:
 
 
 # Modules that add their own subcommands: each has add_commands(subparsers, with_params).
-COMMAND_MODULES: tuple[str, ...] = ("flows.registry", "flows.evaluate")
+COMMAND_MODULES: tuple[str, ...] = ("flows.registry_cli", "flows.evaluate_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (AbairError, CheckpointError) as exc:
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; the rest keep their traceback
+        if not user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

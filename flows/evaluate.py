@@ -44,26 +44,3 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     metrics = jobs.evaluate_task(cfg, checkpoints, shards, reports)
     publish_artifacts(metrics, cfg, reports)
     return metrics
-
-
-def cmd_evaluate(args) -> None:
-    if args.runner == "prefect":
-        evaluate_flow(params_path=args.params, overrides=list(args.set or ()), checkpoints=args.checkpoints,
-                      shards=args.shards, reports=args.reports)
-        return
-    from tasks.evaluate import evaluate
-
-    cfg = load_params(args.params, "evaluate", args.set or ())
-    evaluate(cfg, checkpoints=args.checkpoints, shards=args.shards, reports=args.reports, progress=not args.no_progress)
-
-
-def add_commands(sub, with_params) -> None:
-    p = with_params(sub.add_parser("evaluate", help="paper-style evaluation: known, unseen and mixed degradations"))
-    p.add_argument("--checkpoints", default="checkpoints",
-                   help="folder with backbone.safetensors, adapters/, estimator.safetensors")
-    p.add_argument("--shards", default="data/shards", help="shard set whose validation images the synthetic sets use")
-    p.add_argument("--reports", default="reports", help="writes metrics.json, results.md and plots/ here")
-    p.add_argument("--runner", choices=["local", "prefect"], default="local",
-                   help="local: run in this process (default); prefect: as a flow, with table and markdown artifacts")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_evaluate)

@@ -49,7 +49,7 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
     """predict(image or list of images, params={"mode": "sw" | "oh"}) -> restored uint8 image(s)."""
 
     def load_context(self, context):
-        from tasks.restore import pick_device
+        from tasks.training import pick_device
         from tasks.system import load_system
 
         config = {**DEFAULT_CONFIG, **(context.model_config or {})}

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from tasks import imageio, storage
 from tasks.errors import AbairError
@@ -42,21 +41,12 @@ MIN_SIDE = 2
 # The model
 
 
-def pick_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise AbairError("--device", f"{spec} requested but no CUDA device is available")
-    if spec != "cpu" and not spec.startswith("cuda"):
-        raise AbairError("--device", f"must be auto, cpu or cuda, got {spec!r}")
-    return torch.device(spec)
-
-
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     """(Restorer, description) from a registry reference or a local folder."""
     from tasks.system import load_system_dir
+    from tasks.training import pick_device
 
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, where="--device")
     if spec.startswith("models:/"):
         from tasks import registry
 
@@ -78,6 +68,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
 def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS
                 ) -> tuple[np.ndarray, dict[str, float]]:
     """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight})."""
+    import torch
+
     device = next(restorer.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
     restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels)

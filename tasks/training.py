@@ -29,11 +29,15 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # devices and processes
 
-def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(spec: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
+    """auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
+    spec = str(spec or "auto")
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise AbairError(where, f"must be auto, cpu, cuda or cuda:N, got {spec!r}")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise AbairError("device", f"{spec} requested but CUDA is not available")
+        raise AbairError(where, f"{spec} requested but no CUDA device is available")
     return torch.device(spec)
 
 

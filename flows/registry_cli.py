@@ -1,0 +1,121 @@
+"""`abair register | promote | rollback | restore | add-degradation`. Kept apart from
+flows/registry.py so the CLI starts without importing Prefect."""
+
+from __future__ import annotations
+
+from tasks.params import load_params
+
+
+def cmd_register(args) -> None:
+    from tasks import registry
+
+    promote = None if args.promote is None else args.promote
+    if args.runner == "prefect":
+        from flows.registry import register_flow
+
+        register_flow(args.params, args.checkpoints, args.metrics, args.shards, args.out, promote)
+        return
+    if promote is None:
+        registry.register_stage(args.params, args.set, args.checkpoints, args.metrics, args.shards, args.out)
+        return
+    result = registry.register_evaluated(args.params, args.checkpoints, args.metrics, args.shards)
+    if promote:
+        cfg = load_params(args.params, "register", args.set or ())
+        result["gate"] = registry.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {},
+                                          shards=args.shards)
+    registry.write_report(result, args.out)
+
+
+def cmd_promote(args) -> None:
+    from tasks import registry
+
+    if args.runner == "prefect":
+        from flows.registry import promote_flow
+
+        promote_flow(args.params, args.dry_run, args.challenger, args.shards, list(args.set or ()))
+        return
+    cfg = load_params(args.params, "register", args.set or ())
+    registry.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {}, shards=args.shards,
+                     challenger=args.challenger, dry_run=args.dry_run)
+
+
+def cmd_rollback(args) -> None:
+    from tasks import registry
+
+    registry.rollback()
+
+
+def cmd_restore(args) -> None:
+    from tasks.restore import restore_files
+
+    restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
+                  max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
+                  progress=False if args.no_progress else None)
+
+
+def cmd_add_degradation(args) -> None:
+    if args.runner == "prefect":
+        from flows.registry import add_degradation_flow
+
+        add_degradation_flow(args.name, args.data, args.params, list(args.set or ()), args.base, args.out, args.shards,
+                             args.promote)
+        return
+    from tasks.add_degradation import add_degradation
+
+    add_degradation(args.name, args.params, list(args.set or ()), data=args.data, base=args.base, out=args.out,
+                    shards=args.shards, promote=args.promote)
+
+
+def add_commands(sub, with_params) -> None:
+    from tasks.restore import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+
+    def runner(p, default="local"):
+        p.add_argument("--runner", choices=["local", "prefect"], default=default,
+                       help="local: plain calls in this process (default); prefect: the Prefect flow (retries, UI)")
+        return p
+
+    p = runner(with_params(sub.add_parser("register", help="register the evaluated components in MLflow (alias challenger), "
+                                                           "then run the promotion gate (register.auto_promote)")))
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--metrics", default="reports/metrics.json")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--out", default="reports/registry.json", help="report of what was registered and the gate verdict")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--promote", dest="promote", action="store_const", const=True, default=None,
+                       help="run the gate after registering (default: register.auto_promote)")
+    group.add_argument("--no-promote", dest="promote", action="store_const", const=False)
+    p.set_defaults(func=cmd_register)
+
+    p = runner(with_params(sub.add_parser("promote", help="gate the challenger against the champion; move `champion` on pass")))
+    p.add_argument("--dry-run", action="store_true", help="print the comparison table, change nothing")
+    p.add_argument("--challenger", metavar="VERSION", help="an abair-restorer version (default: the `challenger` alias)")
+    p.add_argument("--shards", default="data/shards", help="shard set the evaluation suite draws from (re-evaluation)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move `champion` back to the `previous` version")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("restore", help="restore images (files, folders or globs) with a registered or local model")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a folder of components (default: {DEFAULT_MODEL})")
+    p.add_argument("--mode", choices=["sw", "oh"], default="sw", help="sw: soft blend of adapters (default); oh: the best one")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--out", default="restored", help="output folder (default: restored); inputs are never overwritten")
+    p.add_argument("--overwrite", action="store_true", help="allow writing over an input file")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"per-tile pixel budget; larger images run in overlapping tiles (default: {DEFAULT_MAX_PIXELS}; 0: whole)")
+    p.add_argument("--quality", type=int, help="JPEG output quality (default: the input's, estimated)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_restore)
+
+    p = runner(with_params(sub.add_parser("add-degradation", help="a new degradation: one new adapter + estimator refit "
+                                                                  "(K+1 outputs), evaluated and registered")))
+    p._option_string_actions["--set"].help = "override any params value, section first, e.g. --set adapters.steps=300"
+    p.add_argument("name", help="degradation, e.g. jpeg, bitdepth or snow")
+    p.add_argument("--data", metavar="FOLDER", help="paired folder (input/, target/) instead of synthetic samples")
+    p.add_argument("--base", default="checkpoints", help="components to extend: a folder or models:/abair-restorer@champion")
+    p.add_argument("--out", help="folder for the extended components (default: checkpoints/with-NAME)")
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
+    p.set_defaults(func=cmd_add_degradation)

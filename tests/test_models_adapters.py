@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.adaptir import AdaptIRAdapter
+from models.adaptir import AdaptIRAdapter, stacked_adapters
 from models.adapters import AdapterBank, read_adapter_metadata
 from models.backbone import build_backbone, fingerprint
 from models.checkpoint import AdapterError, save_atomic
@@ -162,6 +162,21 @@ def test_lora_merge_equals_bank_one_hot_and_unmerge_is_bit_exact():
     assert bank.merged is None
 
 
+def test_lora_merge_mix_equals_shared_soft_weights():
+    model, bank = make("lora", names=("rain", "haze", "noise"))
+    x = torch.rand(2, 3, 33, 41)
+    w = torch.tensor([0.2, 0.5, 0.3])
+    original = {name: layer.base_layer.weight.detach().clone() for name, layer in bank.layers.items()}
+    with torch.no_grad():
+        with bank.weights(w):
+            soft = model(x)
+        bank.merge_mix(w)
+        merged = model(x)
+        bank.unmerge()
+    assert (merged - soft).abs().max() < 1e-5
+    assert all(torch.equal(layer.base_layer.weight, original[name]) for name, layer in bank.layers.items())
+
+
 def test_adaptir_cannot_merge():
     _, bank = make("adaptir")
     with pytest.raises(NotImplementedError):
@@ -219,6 +234,23 @@ def test_adaptir_frequency_branch_identity_and_odd_sizes():
         torch.testing.assert_close(adapter.frequency(x), x, atol=1e-5, rtol=1e-5)
     x = torch.randn(2, 12, 7, 9)
     assert torch.equal(adapter(x), torch.zeros_like(x))          # zero-initialised output projection
+
+
+def test_adaptir_stacked_path_equals_one_call_per_adapter():
+    adapters = [AdaptIRAdapter(dim=12, hidden=8, rank=4) for _ in range(3)]
+    with torch.no_grad():
+        for adapter in adapters:
+            for p in adapter.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 12, 9, 13)
+    weights = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]])
+    with torch.no_grad():
+        reference = sum(weights[:, k, None, None, None] * a(x) for k, a in enumerate(adapters))
+        stacked = stacked_adapters(x, adapters, weights)
+        stacked_cl = stacked_adapters(x.to(memory_format=torch.channels_last), adapters, weights)
+    assert reference.abs().mean() > 1e-2
+    torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stacked_cl, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_bank_argument_errors():

@@ -1,0 +1,318 @@
+"""AdapterBank: named per-degradation adapters on a backbone, LoRA or AdaptIR, behind one interface.
+
+    bank = AdapterBank(backbone, kind="lora", rank=4, alpha=4.0)
+    bank.add("rain"); bank.add("haze")
+    bank.freeze_backbone()
+    with bank.weights(w):          # w: B x len(bank.names), columns in bank.names order
+        restored = backbone(x)
+
+The bank wraps the target layers in place (the adapter tensors live inside the backbone, so
+backbone.to(device) moves them) and keeps the order of adapter names, which is the column order
+of the per-sample weights. Each adapter saves to its own safetensors file with the fingerprint of
+the backbone it was trained on; loading it onto any other backbone is an AdapterError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from models.adaptir import AdaptIRLayer
+from models.backbone import TransformerBlock, fingerprint
+from models.checkpoint import AdapterError, describe_keys, merge_metadata, read_checkpoint, save_atomic
+from models.lora import LoRALayer
+
+ADAPTER_FORMAT = "abair-adapter"
+KINDS = ("lora", "adaptir")
+DEFAULT_TARGETS = ("attn.qkv", "attn.project_out", "ffn.project_in", "ffn.project_out")
+ADAPTIR_TARGETS = ("ffn",)
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def _replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+class AdapterBank:
+    def __init__(self, backbone: nn.Module, kind: str = "lora", targets: Sequence[str] = DEFAULT_TARGETS,
+                 rank: int = 4, alpha: float = 4.0, hidden: int = 8):
+        if kind not in KINDS:
+            raise ValueError(f"adapter kind must be one of {KINDS}, got {kind!r}")
+        if any(getattr(m, "wraps_base_layer", False) for m in backbone.modules()):
+            raise ValueError("this backbone already carries an adapter bank; use that one")
+        self.backbone = backbone
+        self.kind = kind
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.hidden = int(hidden)
+        self.targets = tuple(targets) if kind == "lora" else ADAPTIR_TARGETS
+        self.layers: dict[str, LoRALayer | AdaptIRLayer] = {}   # qualified name in backbone -> wrapper
+        self._names: list[str] = []
+        self._alphas: dict[str, float] = {}
+
+        for qualified, module in list(backbone.named_modules()):
+            if kind == "lora":
+                if not any(qualified == t or qualified.endswith("." + t) for t in self.targets):
+                    continue
+                wrapper = LoRALayer(module)
+                self.layers[qualified] = wrapper
+                _replace_module(backbone, qualified, wrapper)
+            elif isinstance(module, TransformerBlock):
+                name = f"{qualified}.ffn" if qualified else "ffn"
+                wrapper = AdaptIRLayer(module.ffn, dim=module.norm2.weight.numel())
+                self.layers[name] = wrapper
+                module.ffn = wrapper
+        if not self.layers:
+            raise ValueError(f"no layer of the backbone matches the adapter targets {list(self.targets)}")
+
+    # -- the set of adapters ---------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Adapter names in order; column k of the weights is names[k]."""
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def add(self, name: str, alpha: float | None = None) -> str:
+        """A new zero-effect adapter on every target layer (alpha defaults to the bank's)."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"adapter names are letters, digits, '_' or '-', got {name!r}")
+        if name in self._names:
+            raise ValueError(f"the bank already has an adapter named {name!r}")
+        alpha = self.alpha if alpha is None else float(alpha)
+        for layer in self.layers.values():
+            if self.kind == "lora":
+                layer.add_adapter(name, self.rank, alpha)
+            else:
+                layer.add_adapter(name, self.hidden, self.rank)
+        self._names.append(name)
+        self._alphas[name] = alpha
+        self.set_weights(None)  # old weight columns no longer match the names
+        return name
+
+    def remove(self, name: str) -> None:
+        self._check(name)
+        for layer in self.layers.values():
+            layer.remove_adapter(name)
+        self._names.remove(name)
+        del self._alphas[name]
+        self.set_weights(None)
+
+    def _check(self, name: str) -> None:
+        if name not in self._names:
+            raise KeyError(f"no adapter named {name!r} in the bank (has {self._names})")
+
+    def named_parameters_of(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(key, parameter) of one adapter; keys are `<layer>.<tensor>`, without the adapter name."""
+        self._check(name)
+        for layer_name, layer in self.layers.items():
+            for key, param in layer.adapter_parameters(name).items():
+                yield f"{layer_name}.{key}", param
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        """Only that adapter's tensors (hand these to the optimiser in Phase II)."""
+        return [p for _, p in self.named_parameters_of(name)]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name in self._names for p in self.parameters_of(name)]
+
+    def state_dict_of(self, name: str) -> dict[str, torch.Tensor]:
+        return {key: p.detach() for key, p in self.named_parameters_of(name)}
+
+    def num_parameters(self, name: str | None = None) -> int:
+        names = self._names if name is None else [name]
+        return sum(p.numel() for n in names for p in self.parameters_of(n))
+
+    def freeze_backbone(self, trainable: Sequence[str] | None = None) -> "AdapterBank":
+        """requires_grad False on everything that is not an adapter; adapters in `trainable`
+        (default: all) get requires_grad True, the others are frozen too."""
+        trainable = self._names if trainable is None else list(trainable)
+        for name in trainable:
+            self._check(name)
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        for name in trainable:
+            for param in self.parameters_of(name):
+                param.requires_grad_(True)
+        return self
+
+    def unload(self) -> nn.Module:
+        """Take every wrapper out of the backbone (unmerging first), leaving the plain backbone;
+        the bank is empty and unusable afterwards. Save adapters you want to keep before."""
+        self.unmerge()
+        for qualified, layer in self.layers.items():
+            _replace_module(self.backbone, qualified, layer.base_layer)
+        self.layers.clear()
+        self._names.clear()
+        self._alphas.clear()
+        return self.backbone
+
+    # -- per-sample weights ------------------------------------------------------------------
+
+    def set_weights(self, weights: torch.Tensor | Sequence[float] | None) -> None:
+        """Per-sample adapter weights for the following forward passes.
+
+        weights: B x K (K = len(names), columns in names order), a length-K vector shared by the
+        batch, or None (the backbone alone). Columns that are zero for the whole batch are skipped
+        (their adapters do not run) unless the weights require grad. Deciding that reads the
+        values, so pass weights that live on the CPU to avoid a device sync; each layer moves them.
+        """
+        if weights is None:
+            for layer in self.layers.values():
+                layer.set_weights(None)
+            return
+        weights = torch.as_tensor(weights)
+        if not weights.is_floating_point():
+            weights = weights.float()
+        if weights.dim() == 1:
+            weights = weights[None]
+        if weights.dim() != 2 or weights.shape[1] != len(self._names):
+            raise ValueError(f"adapter weights must be (batch, {len(self._names)}) for adapters {self._names}, "
+                             f"got {tuple(weights.shape)}")
+        if weights.requires_grad:
+            active = list(range(len(self._names)))
+        else:
+            active = torch.nonzero((weights != 0).any(dim=0)).flatten().tolist()
+        names = [self._names[k] for k in active]
+        if len(active) < len(self._names):
+            weights = weights[:, active]
+        device = next(self.backbone.parameters()).device
+        weights = weights.to(device, non_blocking=True)
+        for layer in self.layers.values():
+            layer.set_weights(weights, names)
+
+    @contextlib.contextmanager
+    def weights(self, weights: torch.Tensor | Sequence[float] | None):
+        """`with bank.weights(w): backbone(x)`; afterwards the layers have no weights set."""
+        self.set_weights(weights)
+        try:
+            yield self
+        finally:
+            self.set_weights(None)
+
+    # -- merging (LoRA only) -----------------------------------------------------------------
+
+    def merge(self, name: str) -> None:
+        """Fold one LoRA adapter into the base weights (inference only). While merged every layer
+        is its merged base layer and per-sample weights are ignored; unmerge() restores the
+        original weight tensors bit for bit. Unmerge before training or moving the model."""
+        if self.kind != "lora":
+            raise NotImplementedError("AdaptIR adapters are non-linear and cannot be merged into the backbone")
+        self._check(name)
+        for layer in self.layers.values():
+            layer.merge(name)
+
+    def merge_mix(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Fold a blend (one weight per adapter, in names order) into the base weights: the
+        zero-overhead form of set_weights() when every sample uses the same weights."""
+        if self.kind != "lora":
+            raise NotImplementedError("AdaptIR adapters are non-linear and cannot be merged into the backbone")
+        weights = torch.as_tensor(weights, dtype=torch.float32).flatten().tolist()
+        if len(weights) != len(self._names):
+            raise ValueError(f"merge_mix needs {len(self._names)} weights for adapters {self._names}, got {len(weights)}")
+        mix = dict(zip(self._names, weights))
+        for layer in self.layers.values():
+            layer.merge_mix(mix)
+
+    def unmerge(self) -> None:
+        if self.kind == "lora":
+            for layer in self.layers.values():
+                layer.unmerge()
+
+    @property
+    def merged(self) -> str | None:
+        if self.kind != "lora":
+            return None
+        return next(iter(self.layers.values())).merged_adapter
+
+    # -- files -----------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.backbone)
+
+    def save(self, name: str, path: str | os.PathLike, degradation: str | None = None,
+             extra_metadata: Mapping[str, Any] | None = None) -> Path:
+        """One adapter's tensors (keys without the adapter name) and what is needed to check a
+        later load: degradation, kind, rank, alpha, hidden, targets, layers, backbone fingerprint,
+        parameter count. Atomic (temporary name, then os.replace)."""
+        tensors = self.state_dict_of(name)
+        reserved = {
+            "format": ADAPTER_FORMAT,
+            "name": name,
+            "degradation": degradation or name,
+            "kind": self.kind,
+            "rank": str(self.rank),
+            "alpha": repr(self._alphas[name]),
+            "hidden": str(self.hidden),
+            "targets": json.dumps(list(self.targets)),
+            "layers": json.dumps(list(self.layers)),
+            "backbone_fingerprint": self.fingerprint(),
+            "parameters": str(sum(t.numel() for t in tensors.values())),
+        }
+        return save_atomic(tensors, path, merge_metadata(reserved, extra_metadata))
+
+    def load(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Add the adapter stored at `path` (under `name`, default its degradation); returns the name.
+
+        Raises AdapterError naming the file when it is unreadable, was trained on another backbone,
+        has another kind/rank/targets/hidden width than this bank, or has missing/extra/misshapen
+        tensors. On error the bank is left as it was.
+        """
+        tensors, meta = read_checkpoint(path, ADAPTER_FORMAT, error=AdapterError)
+        try:
+            found = {"kind": meta["kind"], "rank": int(meta["rank"]), "targets": tuple(json.loads(meta["targets"])),
+                     "alpha": float(meta["alpha"]), "hidden": int(meta["hidden"]),
+                     "fingerprint": meta["backbone_fingerprint"]}
+        except (KeyError, ValueError) as exc:
+            raise AdapterError(path, f"incomplete adapter metadata ({type(exc).__name__}: {exc})") from None
+        expected = {"kind": self.kind, "rank": self.rank, "targets": self.targets}
+        if self.kind == "adaptir":
+            expected["hidden"] = self.hidden
+        for key, value in expected.items():
+            if found[key] != value:
+                raise AdapterError(path, f"{key} is {found[key]!r} but this bank's is {value!r}")
+        mine = self.fingerprint()
+        if found["fingerprint"] != mine:
+            raise AdapterError(path, f"trained on backbone {found['fingerprint']}, but this backbone is {mine}; "
+                                     "an adapter only fits the frozen backbone it was trained on")
+        name = name or meta.get("degradation") or meta.get("name")
+        if name in self._names:
+            raise AdapterError(path, f"the bank already has an adapter named {name!r}")
+
+        self.add(name, alpha=found["alpha"])
+        try:
+            params = dict(self.named_parameters_of(name))
+            missing, extra = set(params) - set(tensors), set(tensors) - set(params)
+            if missing or extra:
+                parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
+                        ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
+                raise AdapterError(path, "; ".join(parts))
+            wrong = [k for k, p in params.items() if p.shape != tensors[k].shape]
+            if wrong:
+                raise AdapterError(path, f"tensors with the wrong shape: {describe_keys(wrong)}")
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.copy_(tensors[key])
+        except BaseException:
+            self.remove(name)
+            raise
+        return name
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An adapter file's metadata (degradation, kind, rank, fingerprint...) without a bank."""
+    _, meta = read_checkpoint(path, ADAPTER_FORMAT, error=AdapterError)
+    return meta

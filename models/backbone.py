@@ -1,0 +1,429 @@
+"""Restormer-family encoder-decoder: ABAIR's restoration backbone.
+
+Restormer (Zamir et al., CVPR 2022): transformer blocks of multi-Dconv head transposed attention
+(MDTA, attention across channels, so its cost is linear in the pixel count) and a gated-Dconv FFN
+(GDFN), four levels joined by pixel-unshuffle / pixel-shuffle, skip concatenation, refinement
+blocks and a global residual. Optional PromptIR (Potlapalli et al., NeurIPS 2023) prompt blocks
+sit at the three decoder levels. ABAIR adds a per-pixel degradation-segmentation head on the last
+features for Phase I; it is dropped afterwards and never changes a restored pixel.
+
+Adapters attach by module name (see models/adapters.py): every TransformerBlock has
+`.attn.qkv`, `.attn.project_out`, `.ffn.project_in`, `.ffn.project_out` (1x1 convolutions) and
+`.ffn` (the module AdaptIR runs beside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.checkpoint import (CheckpointError, describe_keys, merge_metadata, metadata_json, read_checkpoint,
+                               save_atomic)
+
+BACKBONE_FORMAT = "abair-backbone"
+SIZE_MULTIPLE = 8  # three 2x downsamplings
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    dim: int = 48
+    num_blocks: tuple[int, int, int, int] = (4, 6, 6, 8)
+    num_refinement_blocks: int = 4
+    heads: tuple[int, int, int, int] = (1, 2, 4, 8)
+    ffn_expansion_factor: float = 2.66
+    bias: bool = False
+    prompt: bool = False
+    seg_classes: int = 0
+    prompt_len: int = 5     # learned prompt components per prompt block
+    prompt_size: int = 16   # their side at the latent level; doubled at each level up (PromptIR: 16/32/64)
+
+    def __post_init__(self):
+        # lists from JSON become tuples so configs compare and hash as values
+        object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
+        object.__setattr__(self, "heads", tuple(int(n) for n in self.heads))
+        if len(self.num_blocks) != 4 or len(self.heads) != 4:
+            raise ValueError("num_blocks and heads need one entry per level (4)")
+        for level, heads in enumerate(self.heads):
+            channels = self.dim * 2 ** level
+            if channels % heads:
+                raise ValueError(f"level {level + 1}: {channels} channels do not split into {heads} heads")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "BackboneConfig":
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown backbone config keys {sorted(unknown)}")
+        return cls(**values)
+
+
+SIZES: dict[str, BackboneConfig] = {
+    # Trains for minutes on a 2-core CPU (the default profile): 0.85M parameters. One latent block
+    # because the latent level holds most parameters (12*dim^2 per block at 8*dim channels) but
+    # few FLOPs; FFN expansion 2 to keep the full-resolution blocks cheap.
+    "tiny": BackboneConfig(dim=16, num_blocks=(1, 2, 2, 1), num_refinement_blocks=1, heads=(1, 1, 2, 4),
+                           ffn_expansion_factor=2.0, prompt_size=8),
+    # Restormer's published configuration: 26.1M parameters.
+    "base": BackboneConfig(dim=48, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4, heads=(1, 2, 4, 8)),
+    # ABAIR's budget (59M): Restormer's depth at 1.5x the width, 58.7M parameters.
+    "large": BackboneConfig(dim=72, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4, heads=(1, 2, 4, 8)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a BxCxHxW tensor, with weight and bias.
+
+    Restormer's WithBias LayerNorm: (x - mean_c) / sqrt(var_c + 1e-5) * weight + bias. Done as one
+    fused F.layer_norm on the BxHxWxC view, which is free when x is channels-last.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)                                            # B x H x W x C
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)                                         # B x C x H x W
+
+
+class MDTA(nn.Module):
+    """Multi-Dconv head transposed attention: CxC attention per head, global over the pixels."""
+
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, 3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)             # 3 x B x C x H x W
+        # reshape is a view for contiguous and for channels-last inputs alike
+        q = q.reshape(b, self.heads, c // self.heads, h * w)                # B x heads x c x HW
+        k = k.reshape(b, self.heads, c // self.heads, h * w)
+        v = v.reshape(b, self.heads, c // self.heads, h * w)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature                 # B x heads x c x c
+        attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        out = (attn @ v).reshape(b, c, h, w)                                # B x C x H x W
+        return self.project_out(out)
+
+
+class GDFN(nn.Module):
+    """Gated-Dconv feed-forward network: gelu(dw(W1 x)) * dw(W2 x), projected back."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = nn.Conv2d(dim, hidden * 2, 1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, 3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)      # 2 x B x hidden x H x W
+        return self.project_out(F.gelu(gate) * value)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, expansion: float, bias: bool):
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = MDTA(dim, heads, bias)
+        self.norm2 = LayerNorm2d(dim)
+        self.ffn = GDFN(dim, expansion, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+def transformer_stage(count: int, dim: int, heads: int, expansion: float, bias: bool) -> nn.Sequential:
+    return nn.Sequential(*[TransformerBlock(dim, heads, expansion, bias) for _ in range(count)])
+
+
+class Downsample(nn.Sequential):
+    """C x H x W -> 2C x H/2 x W/2: halve the channels, then pixel-unshuffle."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+
+class Upsample(nn.Sequential):
+    """C x H x W -> C/2 x 2H x 2W: double the channels, then pixel-shuffle."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+
+class PromptBlock(nn.Module):
+    """PromptIR's prompt generation + interaction at one decoder level.
+
+    Generation: softmax(linear(mean over pixels)) weights `prompt_len` learned components, which
+    are resized to the feature size and passed through a 3x3 conv. Interaction: concatenate with
+    the features, one transformer block, 1x1 back to the feature width.
+    """
+
+    def __init__(self, dim: int, heads: int, expansion: float, bias: bool, prompt_len: int, prompt_size: int):
+        super().__init__()
+        self.components = nn.Parameter(torch.rand(prompt_len, dim, prompt_size, prompt_size))
+        self.select = nn.Linear(dim, prompt_len)
+        self.prompt_conv = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.fuse = TransformerBlock(2 * dim, heads, expansion, bias)
+        self.reduce = nn.Conv2d(2 * dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.select(x.mean(dim=(-2, -1))).softmax(dim=-1)                  # B x L
+        components = self.components.to(weights.dtype)
+        prompt = torch.einsum("bl,lchw->bchw", weights, components)                  # B x C x S x S
+        prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        prompt = self.prompt_conv(prompt.to(x.dtype))                                # B x C x H x W
+        return self.reduce(self.fuse(torch.cat([x, prompt], dim=1)))
+
+
+class SegmentationHead(nn.Sequential):
+    """One logit per degradation class and pixel (multi-label: several may be present at once)."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__(nn.Conv2d(channels, channels // 2, 3, padding=1), nn.GELU(),
+                         nn.Conv2d(channels // 2, classes, 1))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Pad bottom/right to a multiple of `multiple`: reflect where the image is large enough."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.config = config
+        dim, blocks, heads = config.dim, config.num_blocks, config.heads
+        ffn, bias = config.ffn_expansion_factor, config.bias
+
+        self.patch_embed = nn.Conv2d(3, dim, 3, padding=1, bias=False)
+        self.encoder_level1 = transformer_stage(blocks[0], dim, heads[0], ffn, bias)
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = transformer_stage(blocks[1], dim * 2, heads[1], ffn, bias)
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = transformer_stage(blocks[2], dim * 4, heads[2], ffn, bias)
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = transformer_stage(blocks[3], dim * 8, heads[3], ffn, bias)
+
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
+        self.decoder_level3 = transformer_stage(blocks[2], dim * 4, heads[2], ffn, bias)
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
+        self.decoder_level2 = transformer_stage(blocks[1], dim * 2, heads[1], ffn, bias)
+        self.up2_1 = Upsample(dim * 2)
+        # level 1 keeps the concatenated 2*dim channels (no reduction), as in Restormer
+        self.decoder_level1 = transformer_stage(blocks[0], dim * 2, heads[0], ffn, bias)
+        self.refinement = transformer_stage(config.num_refinement_blocks, dim * 2, heads[0], ffn, bias)
+        self.output = nn.Conv2d(dim * 2, 3, 3, padding=1, bias=bias)
+
+        if config.prompt:
+            size, length = config.prompt_size, config.prompt_len
+            self.prompt3 = PromptBlock(dim * 8, heads[3], ffn, bias, length, size)
+            self.prompt2 = PromptBlock(dim * 4, heads[2], ffn, bias, length, size * 2)
+            self.prompt1 = PromptBlock(dim * 2, heads[1], ffn, bias, length, size * 4)
+        else:
+            self.prompt3 = self.prompt2 = self.prompt1 = None
+
+        self.seg_head = SegmentationHead(dim * 2, config.seg_classes) if config.seg_classes > 0 else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W (H, W multiples of 8) -> B x 2C x H x W, the refinement output."""
+        enc1 = self.encoder_level1(self.patch_embed(x))                  # B x C x H x W
+        enc2 = self.encoder_level2(self.down1_2(enc1))                   # B x 2C x H/2 x W/2
+        enc3 = self.encoder_level3(self.down2_3(enc2))                   # B x 4C x H/4 x W/4
+        latent = self.latent(self.down3_4(enc3))                         # B x 8C x H/8 x W/8
+        if self.prompt3 is not None:
+            latent = self.prompt3(latent)
+
+        dec3 = torch.cat([self.up4_3(latent), enc3], dim=1)             # B x 8C x H/4 x W/4
+        dec3 = self.decoder_level3(self.reduce_chan_level3(dec3))        # B x 4C x H/4 x W/4
+        if self.prompt2 is not None:
+            dec3 = self.prompt2(dec3)
+
+        dec2 = torch.cat([self.up3_2(dec3), enc2], dim=1)               # B x 4C x H/2 x W/2
+        dec2 = self.decoder_level2(self.reduce_chan_level2(dec2))        # B x 2C x H/2 x W/2
+        if self.prompt1 is not None:
+            dec2 = self.prompt1(dec2)
+
+        dec1 = torch.cat([self.up2_1(dec2), enc1], dim=1)               # B x 2C x H x W
+        return self.refinement(self.decoder_level1(dec1))               # B x 2C x H x W
+
+    def forward(self, x: torch.Tensor, with_seg: bool = False):
+        """Restore B x 3 x H x W images (any H, W). Returns restored (not clamped, so L1 training
+        sees the raw output), or (restored, seg_logits B x seg_classes x H x W) when with_seg."""
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x)
+        feats = self.features(padded)
+        restored = (padded + self.output(feats))[..., :h, :w]
+        if not with_seg:
+            return restored
+        if self.seg_head is None:
+            raise RuntimeError("this backbone has no segmentation head (seg_classes=0 or dropped)")
+        return restored, self.seg_head(feats)[..., :h, :w]
+
+    def drop_seg_head(self) -> None:
+        """Remove the Phase I segmentation head; restored pixels do not depend on it."""
+        self.seg_head = None
+        self.config = dataclasses.replace(self.config, seg_classes=0)
+
+
+def build_backbone(size_or_config: str | BackboneConfig | Mapping[str, Any] = "tiny", seg_classes: int | None = None,
+                   prompt: bool | None = None, **overrides) -> Backbone:
+    """A backbone from a named size (SIZES), a BackboneConfig or a dict of its fields.
+
+    seg_classes / prompt / overrides replace the size's or config's values when given.
+    """
+    if isinstance(size_or_config, str):
+        if size_or_config not in SIZES:
+            raise ValueError(f"unknown backbone size {size_or_config!r}; known: {sorted(SIZES)}")
+        config = SIZES[size_or_config]
+    elif isinstance(size_or_config, BackboneConfig):
+        config = size_or_config
+    else:
+        config = BackboneConfig.from_dict(size_or_config)
+    if seg_classes is not None:
+        overrides["seg_classes"] = seg_classes
+    if prompt is not None:
+        overrides["prompt"] = prompt
+    return Backbone(dataclasses.replace(config, **overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Identity and checkpoints
+
+
+def restoration_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The restoration weights under their plain names, as if no adapter were attached.
+
+    Leaves out the segmentation head and every adapter tensor; looks through adapter wrappers
+    (modules with `wraps_base_layer`) to their base layer, and takes a merged LoRA layer's
+    original weight, so attaching, merging or dropping anything leaves this dict unchanged.
+    """
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str, originals: Mapping[str, torch.Tensor]) -> None:
+        if getattr(module, "wraps_base_layer", False):
+            visit(module.base_layer, prefix, module.original_base_tensors())
+            return
+        for name, param in module.named_parameters(recurse=False):
+            state[prefix + name] = originals.get(name, param)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                state[prefix + name] = buf
+        for name, child in module.named_children():
+            if module is model and name == "seg_head":
+                continue
+            visit(child, f"{prefix}{name}.", {})
+
+    visit(model, "", {})
+    return state
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor in row-major order, any dtype (bfloat16 included)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def fingerprint(backbone: nn.Module) -> str:
+    """sha256 (16 hex chars) over the restoration weights: names, dtypes, shapes and bytes.
+
+    Independent of adapters (attached, merged or not), of the segmentation head and of the memory
+    format; it changes when any restoration weight changes.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(restoration_state_dict(backbone).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()[:16]
+
+
+def save_backbone(model: Backbone, path: str | os.PathLike, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the backbone (restoration weights + seg head if present, no adapters) to safetensors.
+
+    Metadata: format, config (JSON of BackboneConfig), fingerprint, plus `extra_metadata`.
+    Atomic: temporary name in the same folder, then os.replace.
+    """
+    tensors = dict(restoration_state_dict(model))
+    if model.seg_head is not None:
+        tensors.update({f"seg_head.{k}": v for k, v in model.seg_head.state_dict().items()})
+    reserved = {"format": BACKBONE_FORMAT, "config": model.config.to_json(), "fingerprint": fingerprint(model)}
+    return save_atomic(tensors, path, merge_metadata(reserved, extra_metadata))
+
+
+def read_backbone_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a backbone checkpoint, without building the network."""
+    _, metadata = read_checkpoint(path, BACKBONE_FORMAT)
+    return metadata
+
+
+def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
+    """Build the backbone described by a checkpoint's config and load its weights.
+
+    Raises CheckpointError naming the file when it is missing, unreadable, not a backbone, or its
+    tensors do not match its config or its recorded fingerprint.
+    """
+    tensors, metadata = read_checkpoint(path, BACKBONE_FORMAT)
+    try:
+        config = BackboneConfig.from_dict(metadata_json(path, metadata, "config"))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(path, f"invalid backbone config ({exc})") from None
+    model = Backbone(config)
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())  # a checkpoint saved in bfloat16 loads as bfloat16 (and keeps its fingerprint)
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
+                ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
+        raise CheckpointError(path, "; ".join(parts))
+    wrong = [k for k in expected if expected[k].shape != tensors[k].shape]
+    if wrong:
+        raise CheckpointError(path, f"tensors with the wrong shape for its config: {describe_keys(wrong)}")
+    model.load_state_dict(tensors)
+    recorded = metadata.get("fingerprint")
+    if recorded is not None and recorded != fingerprint(model):
+        raise CheckpointError(path, f"weights do not match the recorded fingerprint {recorded} (corrupt file?)")
+    return model.to(device)
+
+
+def num_parameters(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())

@@ -1,0 +1,165 @@
+"""Degradation estimator (ABAIR Phase III): one weight per adapter from a look at the input.
+
+Two small CNN trunks. One sees the whole image downscaled to a fixed view (antialiased), which
+shows global cues: haze, low light, rain streaks, blur. Downscaling averages pixel noise and JPEG
+blocks away, so the other trunk sees a few crops at native resolution (centre, then corners;
+random positions while training if `random_crops`). Pooled features of both go through an MLP to
+K logits. Input brightness is kept (no normalisation layers), since low light is about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.checkpoint import (CheckpointError, describe_keys, merge_metadata, metadata_json, read_checkpoint,
+                               save_atomic)
+
+ESTIMATOR_FORMAT = "abair-estimator"
+MODES = ("sw", "oh")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    num_outputs: int
+    width: int = 16
+    crops: int = 2
+    crop_size: int = 64
+    view_size: int = 128
+    random_crops: bool = False
+
+
+def _trunk(width: int) -> nn.Sequential:
+    """3 x S x S -> 8w features (global average). The first conv keeps full resolution so
+    single-pixel statistics (noise, JPEG ringing) reach the features."""
+    chans = [width, 2 * width, 4 * width, 4 * width, 8 * width]
+    layers: list[nn.Module] = [nn.Conv2d(3, chans[0], 3, padding=1), nn.GELU()]
+    for c_in, c_out in zip(chans, chans[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def crop_origins(h: int, w: int, size: int, count: int) -> list[tuple[int, int]]:
+    """Fixed crop positions: centre, then the four corners, then repeats."""
+    bottom, right = max(h - size, 0), max(w - size, 0)
+    spots = [(bottom // 2, right // 2), (0, 0), (bottom, right), (0, right), (bottom, 0)]
+    return [spots[i % len(spots)] for i in range(count)]
+
+
+class Estimator(nn.Module):
+    def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
+                 view_size: int = 128, random_crops: bool = False, class_names: Sequence[str] | None = None):
+        super().__init__()
+        if num_outputs < 1:
+            raise ValueError("the estimator needs at least one output")
+        if class_names is not None and len(class_names) != num_outputs:
+            raise ValueError(f"{len(class_names)} class names for {num_outputs} outputs")
+        self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.global_trunk = _trunk(width)
+        self.local_trunk = _trunk(width) if crops > 0 else None
+        features = 8 * width * (2 if crops > 0 else 1)
+        self.head = nn.Sequential(nn.Linear(features, 8 * width), nn.GELU())
+        self.classifier = nn.Linear(8 * width, num_outputs)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.classifier.out_features
+
+    def native_crops(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> (crops*B) x 3 x s x s at native resolution (nearest-upscaled if smaller)."""
+        b, _, h, w = x.shape
+        size, count = self.config.crop_size, self.config.crops
+        if self.training and self.config.random_crops:
+            ys = torch.randint(0, max(h - size, 0) + 1, (count,)).tolist()
+            xs = torch.randint(0, max(w - size, 0) + 1, (count,)).tolist()
+            origins = list(zip(ys, xs))
+        else:
+            origins = crop_origins(h, w, size, count)
+        crops = torch.cat([x[:, :, y:y + size, x0:x0 + size] for y, x0 in origins], dim=0)
+        if crops.shape[-2:] != (size, size):
+            # nearest keeps each pixel's value (and so its noise) instead of smoothing it away
+            crops = F.interpolate(crops, size=(size, size), mode="nearest")
+        return crops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W in [0, 1] -> B x K logits."""
+        b = x.shape[0]
+        x = x - 0.5
+        view = F.interpolate(x, size=(self.config.view_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False)                                    # B x 3 x V x V
+        feats = [self.global_trunk(view)]                                            # B x 8w
+        if self.local_trunk is not None:
+            local = self.local_trunk(self.native_crops(x))                          # (crops*B) x 8w
+            feats.append(local.view(self.config.crops, b, -1).mean(dim=0))          # B x 8w
+        return self.classifier(self.head(torch.cat(feats, dim=1)))
+
+    def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
+        """B x K adapter weights: "sw" softmax(logits / T) (soft blend), "oh" one-hot of the argmax."""
+        if mode not in MODES:
+            raise ValueError(f"estimator mode must be one of {MODES}, got {mode!r}")
+        logits = self(x)
+        if mode == "oh":
+            return F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        return torch.softmax(logits.float() / temperature, dim=1)
+
+    @torch.no_grad()
+    def add_output(self, name: str | None = None) -> int:
+        """Grow K -> K+1 (a new degradation); the old outputs' weights are copied exactly.
+        Returns the new output's index."""
+        old = self.classifier
+        new = nn.Linear(old.in_features, old.out_features + 1).to(old.weight.device, old.weight.dtype)
+        new.weight[:-1].copy_(old.weight)
+        new.bias[:-1].copy_(old.bias)
+        self.classifier = new
+        self.config = dataclasses.replace(self.config, num_outputs=new.out_features)
+        if self.class_names is not None:
+            self.class_names.append(name if name is not None else f"class{new.out_features - 1}")
+        return new.out_features - 1
+
+
+def build_estimator(config: EstimatorConfig | Mapping[str, Any], class_names: Sequence[str] | None = None) -> Estimator:
+    values = dataclasses.asdict(config) if isinstance(config, EstimatorConfig) else dict(config)
+    return Estimator(class_names=class_names, **values)
+
+
+def save_estimator(estimator: Estimator, path: str | os.PathLike,
+                   extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """safetensors with metadata: format, config (JSON), class_names (JSON list or null). Atomic."""
+    reserved = {"format": ESTIMATOR_FORMAT,
+                "config": json.dumps(dataclasses.asdict(estimator.config), sort_keys=True),
+                "class_names": json.dumps(estimator.class_names)}
+    return save_atomic(estimator.state_dict(), path, merge_metadata(reserved, extra_metadata))
+
+
+def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Estimator:
+    """The estimator stored at `path`, with its class names; CheckpointError naming the file otherwise."""
+    tensors, metadata = read_checkpoint(path, ESTIMATOR_FORMAT)
+    config = metadata_json(path, metadata, "config")
+    names = metadata_json(path, metadata, "class_names") if "class_names" in metadata else None
+    try:
+        model = build_estimator(config, names)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid estimator config ({exc})") from None
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
+                ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
+        raise CheckpointError(path, "; ".join(parts))
+    wrong = [k for k in expected if expected[k].shape != tensors[k].shape]
+    if wrong:
+        raise CheckpointError(path, f"tensors with the wrong shape for its config: {describe_keys(wrong)}")
+    model.load_state_dict(tensors)
+    return model.to(device)

@@ -1,0 +1,227 @@
+"""The whole ABAIR system behind one call: estimator -> adapter weights -> backbone + adapters.
+
+    restorer = Restorer(backbone, bank, estimator)
+    restored, weights = restorer.restore(images, mode="sw")
+
+Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator soft weights),
+"oh" (estimator one-hot). With LoRA adapters and the same weights for every image of the batch
+(always so for a single image), the blend is merged into the backbone for the call: zero overhead.
+Large images run in overlapping tiles blended with raised-cosine ramps; the estimator still sees
+the whole image once, so every tile uses the same adapter weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from models.adapters import AdapterBank
+from models.backbone import SIZE_MULTIPLE, Backbone, num_parameters, restoration_state_dict
+from models.estimator import Estimator
+
+MODES = ("sw", "oh", "oracle", "none")
+DEFAULT_OVERLAP = 32
+
+
+class Restorer(nn.Module):
+    def __init__(self, backbone: Backbone, bank: AdapterBank | None = None, estimator: Estimator | None = None,
+                 names: Sequence[str] | None = None):
+        """`names`: the adapter each weight column stands for (the estimator's output order);
+        defaults to the estimator's class names, else the bank's order."""
+        super().__init__()
+        if bank is not None and bank.backbone is not backbone:
+            raise ValueError("the adapter bank belongs to another backbone")
+        self.backbone = backbone
+        self.estimator = estimator
+        self.bank = bank
+        if names is None:
+            names = (estimator.class_names if estimator is not None and estimator.class_names else None) \
+                or (bank.names if bank is not None else [])
+        self.names = list(names)
+        if bank is not None:
+            unknown = [n for n in self.names if n not in bank]
+            if unknown:
+                raise ValueError(f"no adapter in the bank for {unknown} (bank has {bank.names})")
+        if estimator is not None and estimator.num_outputs != len(self.names):
+            raise ValueError(f"the estimator has {estimator.num_outputs} outputs for {len(self.names)} adapters")
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def _to_bank_columns(self, weights: torch.Tensor) -> torch.Tensor:
+        """B x len(names) -> B x len(bank.names) (bank order; adapters not in `names` get 0)."""
+        if self.names == self.bank.names:
+            return weights
+        out = weights.new_zeros(weights.shape[0], len(self.bank))
+        out[:, [self.bank.names.index(n) for n in self.names]] = weights
+        return out
+
+    def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float) -> torch.Tensor | None:
+        if mode == "none":
+            return None
+        if self.bank is None or not self.names:
+            raise ValueError(f"mode {mode!r} needs an adapter bank with adapters")
+        if weights is None:
+            if mode == "oracle":
+                raise ValueError("mode 'oracle' needs the true adapter weights (weights=...)")
+            if self.estimator is None:
+                raise ValueError(f"mode {mode!r} needs an estimator or explicit weights")
+            return self.estimator.weights(images, mode, temperature).float()
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
+        if weights.dim() == 1:
+            weights = weights[None].expand(images.shape[0], -1)
+        if weights.shape != (images.shape[0], len(self.names)):
+            raise ValueError(f"weights must be ({images.shape[0]}, {len(self.names)}) for adapters {self.names}, "
+                             f"got {tuple(weights.shape)}")
+        if mode == "oh":
+            weights = torch.nn.functional.one_hot(weights.argmax(dim=1), len(self.names)).float()
+        return weights
+
+    @contextlib.contextmanager
+    def _adapters(self, weights: torch.Tensor | None, mode: str):
+        """Apply the adapter weights for the duration of the block (whole image or all tiles)."""
+        if self.bank is None:
+            yield
+            return
+        if weights is None:
+            with self.bank.weights(None):
+                yield
+            return
+        columns = self._to_bank_columns(weights).cpu()
+        if self.bank.kind == "lora" and bool((columns == columns[:1]).all()):
+            # the whole batch (always so for one image) uses the same weights: fold them into the
+            # base weights once, so the adapters cost nothing per pixel
+            row = columns[0]
+            one_hot = bool(((row == 0) | (row == 1)).all()) and float(row.sum()) == 1.0
+            if one_hot:
+                self.bank.merge(self.bank.names[int(row.argmax())])
+            else:
+                self.bank.merge_mix(row)
+            try:
+                yield
+            finally:
+                self.bank.unmerge()
+            return
+        with self.bank.weights(columns):
+            yield
+
+    # -- the one call ----------------------------------------------------------------------------
+
+    def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float = 1.0,
+                tile: int | None = None, max_pixels: int | None = None,
+                overlap: int = DEFAULT_OVERLAP) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used B x K
+        in `names` order, or None for mode "none").
+
+        tile: tile side in pixels; max_pixels: a per-tile pixel budget the tile side is derived
+        from (ignored when `tile` is given). Images that fit in one tile run whole.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                images = images.float()
+                used = self._weights_for(images, mode, weights, temperature)
+                side = tile_side(tile, max_pixels, overlap)
+                h, w = images.shape[-2:]
+                with self._adapters(used, mode):
+                    if side is None or (h <= side and w <= side):
+                        out = self.backbone(images)
+                    else:
+                        out = tiled_apply(self.backbone, images, side, overlap)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return out.clamp_(0.0, 1.0), used
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiling
+
+
+def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_OVERLAP) -> int | None:
+    """The tile side: `tile` as given, or the largest multiple of 8 with side^2 <= max_pixels."""
+    if tile is None and max_pixels is None:
+        return None
+    side = int(tile) if tile is not None else int(math.isqrt(int(max_pixels))) // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if side <= 2 * overlap:
+        raise ValueError(f"tile side {side} must exceed twice the overlap ({overlap} px)")
+    return side
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, size) with the fewest tiles whose overlaps are >= `overlap`,
+    spread evenly (so every seam gets the same, widest possible, blending band)."""
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_ramp(length: int, rise: int, fall: int, device=None) -> torch.Tensor:
+    """1-D tile weight: a raised-cosine ramp up over the first `rise` px and down over the last
+    `fall` px (the overlaps with the previous / next tile), 1 in between.
+
+    Over an overlap the falling ramp of one tile and the rising ramp of the next sum to exactly 1
+    (cos^2 + sin^2); the blend still divides by the summed weights, so any layout is safe.
+    """
+    def up(n: int) -> torch.Tensor:
+        return torch.sin(0.5 * math.pi * (torch.arange(n, device=device) + 0.5) / n) ** 2
+
+    ramp = torch.ones(length, device=device)
+    if rise > 0:
+        ramp[:rise] = up(rise)
+    if fall > 0:
+        ramp[length - fall:] = torch.minimum(ramp[length - fall:], up(fall).flip(0))
+    return ramp
+
+
+def _ramps(size: int, tile: int, overlap: int, device) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, length, 1-D weight) of every tile along one axis."""
+    starts = tile_starts(size, tile, overlap)
+    out = []
+    for i, start in enumerate(starts):
+        length = min(tile, size - start)
+        rise = starts[i - 1] + tile - start if i > 0 else 0
+        fall = start + length - starts[i + 1] if i + 1 < len(starts) else 0
+        out.append((start, length, blend_ramp(length, rise, fall, device)))
+    return out
+
+
+def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
+    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image."""
+    b, c, h, w = images.shape
+    out = torch.zeros(b, c, h, w, dtype=torch.float32, device=images.device)
+    total = torch.zeros(1, 1, h, w, dtype=torch.float32, device=images.device)
+    for y, th, wy in _ramps(h, tile, overlap, images.device):
+        for x, tw, wx in _ramps(w, tile, overlap, images.device):
+            window = wy[:, None] * wx[None, :]                                     # th x tw
+            out[:, :, y:y + th, x:x + tw] += fn(images[:, :, y:y + th, x:x + tw]).float() * window
+            total[:, :, y:y + th, x:x + tw] += window
+    return out / total
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def param_counts(backbone: nn.Module | None = None, bank: AdapterBank | None = None,
+                 estimator: nn.Module | None = None) -> dict:
+    """Parameter counts for reports: backbone (restoration weights only), seg_head, per_adapter
+    {name: n}, adapters (all of them), estimator, total (= the sum of those four)."""
+    if backbone is None and bank is not None:
+        backbone = bank.backbone
+    restoration = sum(t.numel() for t in restoration_state_dict(backbone).values()) if backbone is not None else 0
+    seg = num_parameters(getattr(backbone, "seg_head", None)) if backbone is not None else 0
+    per_adapter = {name: bank.num_parameters(name) for name in bank.names} if bank is not None else {}
+    adapters = sum(per_adapter.values())
+    est = num_parameters(estimator)
+    return {"backbone": restoration, "seg_head": seg, "per_adapter": per_adapter, "adapters": adapters,
+            "estimator": est, "total": restoration + seg + adapters + est}

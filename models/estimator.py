@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import (CheckpointError, describe_keys, merge_metadata, metadata_json, read_checkpoint,
+from models.checkpoint import (CheckpointError, check_tensors, merge_metadata, metadata_json, read_checkpoint,
                                save_atomic)
 
 ESTIMATOR_FORMAT = "abair-estimator"
@@ -37,14 +37,24 @@ class EstimatorConfig:
     random_crops: bool = False
 
 
+class StatPool(nn.Module):
+    """B x C x H x W -> B x 2C: the mean and the standard deviation of each channel over the
+    image. The deviation is what makes texture energy (noise, JPEG ringing, the loss of it under
+    blur) visible to the head; an average alone washes zero-mean high-pass responses out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)
+
+
 def _trunk(width: int) -> nn.Sequential:
-    """3 x S x S -> 8w features (global average). The first conv keeps full resolution so
+    """3 x S x S -> 16w features (mean and std of 8w channels). The first conv keeps full resolution so
     single-pixel statistics (noise, JPEG ringing) reach the features."""
     chans = [width, 2 * width, 4 * width, 4 * width, 8 * width]
     layers: list[nn.Module] = [nn.Conv2d(3, chans[0], 3, padding=1), nn.GELU()]
     for c_in, c_out in zip(chans, chans[1:]):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [StatPool()]
     return nn.Sequential(*layers)
 
 
@@ -67,9 +77,16 @@ class Estimator(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
-        features = 8 * width * (2 if crops > 0 else 1)
+        features = 16 * width * (2 if crops > 0 else 1)  # mean and std of 8w channels per trunk
         self.head = nn.Sequential(nn.Linear(features, 8 * width), nn.GELU())
         self.classifier = nn.Linear(8 * width, num_outputs)
+        # He initialisation: with PyTorch's default (fan-in uniform, a=sqrt(5)) the activations
+        # shrink ~4x per layer without normalisation layers, and the pooled features start at
+        # 1e-4, where noise and texture statistics are too faint to learn from.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     @property
     def num_outputs(self) -> int:
@@ -97,10 +114,10 @@ class Estimator(nn.Module):
         x = x - 0.5
         view = F.interpolate(x, size=(self.config.view_size,) * 2, mode="bilinear", antialias=True,
                              align_corners=False)                                    # B x 3 x V x V
-        feats = [self.global_trunk(view)]                                            # B x 8w
+        feats = [self.global_trunk(view)]                                            # B x 16w
         if self.local_trunk is not None:
-            local = self.local_trunk(self.native_crops(x))                          # (crops*B) x 8w
-            feats.append(local.view(self.config.crops, b, -1).mean(dim=0))          # B x 8w
+            local = self.local_trunk(self.native_crops(x))                          # (crops*B) x 16w
+            feats.append(local.view(self.config.crops, b, -1).mean(dim=0))          # B x 16w
         return self.classifier(self.head(torch.cat(feats, dim=1)))
 
     def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
@@ -153,13 +170,6 @@ def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid estimator config ({exc})") from None
     expected = model.state_dict()
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or extra:
-        parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
-                ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
-        raise CheckpointError(path, "; ".join(parts))
-    wrong = [k for k in expected if expected[k].shape != tensors[k].shape]
-    if wrong:
-        raise CheckpointError(path, f"tensors with the wrong shape for its config: {describe_keys(wrong)}")
+    check_tensors(expected, tensors, path)
     model.load_state_dict(tensors)
     return model.to(device)

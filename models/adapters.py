@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from models.adaptir import AdaptIRLayer
 from models.backbone import TransformerBlock, fingerprint
-from models.checkpoint import AdapterError, describe_keys, merge_metadata, read_checkpoint, save_atomic
+from models.checkpoint import AdapterError, check_tensors, merge_metadata, read_checkpoint, save_atomic
 from models.lora import LoRALayer
 
 ADAPTER_FORMAT = "abair-adapter"
@@ -295,14 +295,7 @@ class AdapterBank:
         self.add(name, alpha=found["alpha"])
         try:
             params = dict(self.named_parameters_of(name))
-            missing, extra = set(params) - set(tensors), set(tensors) - set(params)
-            if missing or extra:
-                parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
-                        ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
-                raise AdapterError(path, "; ".join(parts))
-            wrong = [k for k, p in params.items() if p.shape != tensors[k].shape]
-            if wrong:
-                raise AdapterError(path, f"tensors with the wrong shape: {describe_keys(wrong)}")
+            check_tensors(params, tensors, path, error=AdapterError)
             with torch.no_grad():
                 for key, param in params.items():
                     param.copy_(tensors[key])

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import (CheckpointError, describe_keys, merge_metadata, metadata_json, read_checkpoint,
+from models.checkpoint import (CheckpointError, check_tensors, merge_metadata, metadata_json, read_checkpoint,
                                save_atomic)
 
 BACKBONE_FORMAT = "abair-backbone"
@@ -410,14 +410,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if len(dtypes) == 1:
         model.to(dtypes.pop())  # a checkpoint saved in bfloat16 loads as bfloat16 (and keeps its fingerprint)
     expected = model.state_dict()
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or extra:
-        parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
-                ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
-        raise CheckpointError(path, "; ".join(parts))
-    wrong = [k for k in expected if expected[k].shape != tensors[k].shape]
-    if wrong:
-        raise CheckpointError(path, f"tensors with the wrong shape for its config: {describe_keys(wrong)}")
+    check_tensors(expected, tensors, path)
     model.load_state_dict(tensors)
     recorded = metadata.get("fingerprint")
     if recorded is not None and recorded != fingerprint(model):

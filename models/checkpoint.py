@@ -108,3 +108,17 @@ def describe_keys(keys, limit: int = 4) -> str:
     keys = sorted(keys)
     head = ", ".join(keys[:limit])
     return head if len(keys) <= limit else f"{head} and {len(keys) - limit} more"
+
+
+def check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                  error: type[CheckpointError] = CheckpointError) -> None:
+    """The file's tensors must be exactly the ones expected, with the same shapes: one error
+    naming the file and the first few offending names otherwise."""
+    missing, extra = set(expected) - set(found), set(found) - set(expected)
+    if missing or extra:
+        parts = ([f"missing tensors {describe_keys(missing)}"] if missing else []) + \
+                ([f"unexpected tensors {describe_keys(extra)}"] if extra else [])
+        raise error(path, "; ".join(parts))
+    wrong = [k for k in expected if expected[k].shape != found[k].shape]
+    if wrong:
+        raise error(path, f"tensors with the wrong shape: {describe_keys(wrong)}")

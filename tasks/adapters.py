@@ -166,19 +166,18 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
 
     from tasks import tracking
 
-    run = tracking.start_run(f"adapter {name}", parent_run_id=parent_run_id,
-                             tags={"abair.stage": "adapters", "abair.adapter": name, "abair.inputs_hash": inputs_hash})
-    run.log_params({**job, "backbone_fingerprint": backbone_fp, "trainable_parameters": sum(p.numel() for p in parameters)})
-    steplog = training.StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
-    ones = torch.ones(job["batch"], 1)
+    with tracking.start_run(f"adapter {name}", parent_run_id=parent_run_id,
+                            tags={"abair.stage": "adapters", "abair.adapter": name, "abair.inputs_hash": inputs_hash}) as run:
+        run.log_params({**job, "backbone_fingerprint": backbone_fp, "trainable_parameters": sum(p.numel() for p in parameters)})
+        steplog = training.StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
+        ones = torch.ones(job["batch"], 1)
 
-    def loss_fn(batch):
-        degraded, clean = (t.to(device, non_blocking=True) for t in batch)
-        with bank.weights(ones[: degraded.shape[0]]):
-            restored = backbone(degraded)
-        return training.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
+        def loss_fn(batch):
+            degraded, clean = (t.to(device, non_blocking=True) for t in batch)
+            with bank.weights(ones[: degraded.shape[0]]):
+                restored = backbone(degraded)
+            return training.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
 
-    try:
         backbone.train()
         losses = training.fit(loss_fn, parameters, job, loader.batches(0, job["steps"]), job["steps"], device,
                               steplog, desc=f"adapter {name}", progress=progress)
@@ -200,10 +199,6 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         run.log_metrics({"final_loss": float(np.mean(losses[-10:])), **val}, job["steps"])
         run.log_artifact(out)
         run.log_artifact(curves)
-        run.end()
-    except BaseException:
-        run.end("FAILED")
-        raise
     log.info("adapter %s: %d steps, loss %.4f; val PSNR input %.2f, backbone %.2f, adapter %.2f dB -> %s", name,
              job["steps"], float(np.mean(losses[-10:])), val.get("val_psnr_input", float("nan")),
              val.get("val_psnr_backbone", float("nan")), val.get("val_psnr_adapter", float("nan")), out)

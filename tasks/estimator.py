@@ -166,10 +166,9 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
 
     from tasks import tracking
 
-    run = tracking.start_run("estimator", tags={"abair.stage": "estimator", "abair.inputs_hash": inputs_hash})
-    run.log_params({**cfg, "adapters": names})
-    reports_dir = Path(reports)
-    try:
+    with tracking.start_run("estimator", tags={"abair.stage": "estimator", "abair.inputs_hash": inputs_hash}) as run:
+        run.log_params({**cfg, "adapters": names})
+        reports_dir = Path(reports)
         steplog = training.StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
 
         def classify(batch):
@@ -227,9 +226,5 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, cfg["steps"])
         run.log_artifact(out)
         run.log_artifact(curves)
-        run.end()
-    except BaseException:
-        run.end("FAILED")
-        raise
     log.info("estimator: %d outputs %s, val accuracy %.3f -> %s", len(names), names, val["accuracy"], out)
     return summary

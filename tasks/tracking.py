@@ -103,6 +103,17 @@ class Run:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+        self.ended = True
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """FAILED when the block raised, else FINISHED (unless the block ended the run itself)."""
+        if exc_type is not None:
+            self.end("FAILED")
+        elif not getattr(self, "ended", False):
+            self.end()
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

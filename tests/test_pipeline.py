@@ -4,7 +4,6 @@ the project with the minimal profile."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -53,27 +52,39 @@ def changed_stages(cwd: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_with_the_minimal_profile(tmp_path):
+def test_retrain_flow_runs_the_pipeline_then_finds_nothing_new(tmp_path, prefect_harness, monkeypatch):
+    """The scheduled retraining on a copy of the project with the minimal profile: the first run
+    is a full `dvc repro` ending with a champion, the second ends early; then changing only an
+    adapter's params re-runs only `adapters` and what follows."""
+    from flows.retrain import retrain_flow
+
     project = project_copy(tmp_path / "project")
     subprocess.run(["abair", "profile", "apply", "minimal"], cwd=project, check=True, capture_output=True)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, (result.stdout[-5000:] + result.stderr[-5000:])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own store, as for users
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
 
+    first = retrain_flow(project_dir=str(project), push=False)
+    assert first["status"] == "retrained"
     index = json.loads((project / "data/shards/index.json").read_text())
     assert index["counts"]["samples"] > 0
-    assert (project / "checkpoints/backbone.safetensors").stat().st_size > 0
     assert sorted(p.name for p in (project / "checkpoints/adapters").iterdir()) == ["haze.safetensors", "noise.safetensors"]
     assert (project / "checkpoints/estimator.safetensors").exists()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert "known/noise/sw/psnr" in metrics and "summary/all/sw/psnr" in metrics
+    assert (project / "reports/results.md").exists() and (project / "reports/plots/radar.png").exists()
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert registry["aliases"]["champion"] == registry["aliases"]["challenger"]
     assert (project / "mlflow.db").exists(), "MLflow must default to a SQLite store inside the project"
     assert changed_stages(project) == set(), "dvc.lock must describe what was just built"
+
+    second = retrain_flow(project_dir=str(project), push=False)
+    assert second["status"] == "up-to-date" and second["manifest"] == first["manifest"]
 
     # Changing only an adapter's params re-runs only `adapters` and what follows.
     (project / "longer.yaml").write_text("adapters:\n  steps: 5\n")
     subprocess.run(["abair", "profile", "apply", "longer.yaml"], cwd=project, check=True, capture_output=True)
     assert changed_stages(project) == {"adapters"}
-    rerun = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=1500)
+    rerun = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=1500)
     assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-5000:]
     ran = set(re.findall(r"Running stage '(\w+)'", rerun.stdout))
     assert {"adapters", "estimator"} <= ran

@@ -200,3 +200,24 @@ def test_synthesize_from_and_to_s3(tmp_path, s3_endpoint, s3_bucket, photos, syn
     for shard in shards:
         body = client.get_object(Bucket=bucket, Key=f"shards/v1/{shard}")["Body"].read()
         assert body == (tmp_path / "local" / shard).read_bytes()
+
+
+def test_source_manifest_changes_with_content_only(tmp_path, photo_folder, photos):
+    import os
+
+    from tasks.manifest import source_manifest, write_manifest
+
+    first = source_manifest(str(photo_folder))
+    assert len(first["files"]) == 4
+    out = tmp_path / "manifest.json"
+    assert write_manifest(first, out) and not write_manifest(first, out)
+    # Touching a file (new mtime, same bytes) is not a change...
+    os.utime(photo_folder / "coffee.png", (1, 1))
+    assert source_manifest(str(photo_folder))["hash"] == first["hash"]
+    # ... a new image or an edited one is.
+    write_png(photo_folder / "new.png", photos["rocket"][:120, :120])
+    added = source_manifest(str(photo_folder))
+    assert added["hash"] != first["hash"] and len(added["files"]) == 5
+    write_png(photo_folder / "new.png", photos["rocket"][:120, :121])
+    assert source_manifest(str(photo_folder))["hash"] != added["hash"]
+    assert source_manifest("samples")["hash"] == source_manifest("samples")["hash"]

@@ -121,6 +121,16 @@ def cmd_manifest(args) -> None:
     print(f"{args.out}: {len(manifest['files'])} source images, {'changed' if changed else 'unchanged'} ({manifest['hash']})")
 
 
+def cmd_flow(args) -> None:
+    """The whole pipeline (or only synthesis) as Prefect flows instead of DVC stages."""
+    from flows.pipeline import pipeline_flow, synthesize_flow
+
+    if args.name == "synthesize":
+        synthesize_flow(params_path=args.params, source=args.source)
+    else:
+        pipeline_flow(params_path=args.params, source=args.source)
+
+
 def cmd_retrain(args) -> None:
     from flows.retrain import retrain_flow
 
@@ -226,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)")
     p.add_argument("--out", default="data/source_manifest.json")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("flow", help="run the pipeline (or synthesis alone) as Prefect flows instead of DVC stages")
+    p.add_argument("name", choices=["pipeline", "synthesize"])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--source", help="clean images (default: params synthesize.source)")
+    p.set_defaults(func=cmd_flow)
 
     p = sub.add_parser("retrain", help="retrain when the clean source changed (dvc repro, push, gate) as a Prefect flow")
     p.add_argument("--source", help="set synthesize.source first")

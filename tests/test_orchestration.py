@@ -99,3 +99,25 @@ def test_prefect_yaml_deploys_promote_and_retrain(prefect_harness, tmp_path):
     retrain = found["abair-retrain/retrain"]
     assert retrain.work_pool_name == "abair-process"
     assert [s.schedule.cron for s in retrain.schedules] == ["0 3 * * 1"]
+
+
+def test_synthesize_flow_writes_shards_and_a_summary_artifact(prefect_harness, tmp_path, photo_folder, synth_cfg):
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import synthesize_flow
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synthesize": synth_cfg}))
+    index = synthesize_flow(str(params), source=str(photo_folder), out=str(tmp_path / "shards"))
+    assert index["counts"]["samples"] == 4 * synth_cfg["samples_per_image"]
+    assert json.loads((tmp_path / "shards" / "index.json").read_text()) == index
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    latest = {a.key: a for a in asyncio.run(artifact())}
+    assert f"{index['counts']['samples']} samples from 4 images" in latest["abair-shards"].data

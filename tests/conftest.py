@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests call the installed console scripts (abair, dvc, mlflow, prefect) as subprocesses: find the
+# ones beside this interpreter even when the venv was not activated (`.venv/bin/python -m pytest`).
+_bin = str(Path(sys.executable).parent)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist runs one test process per core: one thread each (and in their subprocesses) instead

@@ -23,11 +23,12 @@ the identity); the channel branch ends in a sigmoid, so it gates rather than res
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.lora import WeightedAdapters
 
 
 def frequency_affine(x: torch.Tensor, amplitude_scale: torch.Tensor, amplitude_shift: torch.Tensor,
@@ -106,7 +107,7 @@ class AdaptIRAdapter(nn.Module):
         return self.project_out(mixed * channel)                                     # B x C x H x W
 
 
-class AdaptIRLayer(nn.Module):
+class AdaptIRLayer(WeightedAdapters, nn.Module):
     """A block's FFN with named AdaptIR adapters beside it: ffn(x) + sum_k w[b, k] * adapter_k(x)."""
 
     wraps_base_layer = True  # restoration_state_dict / fingerprint look through to base_layer
@@ -136,18 +137,6 @@ class AdaptIRLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.adapters[name].named_parameters())
-
-    def set_weights(self, weights: torch.Tensor | None, names: Sequence[str] | None = None) -> None:
-        if weights is None:
-            self.adapter_weights, self.active_adapters = None, ()
-            return
-        names = tuple(self.adapter_names if names is None else names)
-        unknown = [n for n in names if n not in self.adapters]
-        if unknown:
-            raise KeyError(f"no adapter named {unknown} on this layer")
-        if weights.dim() != 2 or weights.shape[1] != len(names):
-            raise ValueError(f"weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
-        self.adapter_weights, self.active_adapters = weights, names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -26,7 +26,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class LoRALayer(nn.Module):
+class WeightedAdapters:
+    """Per-sample adapter weights for a layer holding named adapters (LoRA here, AdaptIR too)."""
+
+    adapter_weights: torch.Tensor | None   # B x len(active_adapters)
+    active_adapters: tuple[str, ...]
+
+    def set_weights(self, weights: torch.Tensor | None, names: Sequence[str] | None = None) -> None:
+        """Per-sample weights (B x len(names); B may be 1 to share them), or None for the base layer.
+
+        `names` (default: all adapters in insertion order) says which adapter each column is.
+        """
+        if weights is None:
+            self.adapter_weights, self.active_adapters = None, ()
+            return
+        names = tuple(self.adapter_names if names is None else names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise KeyError(f"no adapter named {unknown} on this layer")
+        if weights.dim() != 2 or weights.shape[1] != len(names):
+            raise ValueError(f"weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
+        self.adapter_weights, self.active_adapters = weights, names
+
+
+class LoRALayer(WeightedAdapters, nn.Module):
     wraps_base_layer = True  # restoration_state_dict / fingerprint look through to base_layer
 
     def __init__(self, base: nn.Module):
@@ -77,22 +100,6 @@ class LoRALayer(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """That adapter's tensors under keys relative to this layer."""
         return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
-
-    def set_weights(self, weights: torch.Tensor | None, names: Sequence[str] | None = None) -> None:
-        """Per-sample weights (B x len(names); B may be 1 to share them), or None for the base layer.
-
-        `names` (default: all adapters in insertion order) says which adapter each column is.
-        """
-        if weights is None:
-            self.adapter_weights, self.active_adapters = None, ()
-            return
-        names = tuple(self.adapter_names if names is None else names)
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise KeyError(f"no adapter named {unknown} on this layer")
-        if weights.dim() != 2 or weights.shape[1] != len(names):
-            raise ValueError(f"weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
-        self.adapter_weights, self.active_adapters = weights, names
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """sum_k w[b, k] * scaling_k * B_k A_k x for the active adapters."""

@@ -224,15 +224,21 @@ def test_estimator_modes_and_growth(tmp_path):
     assert small.shape == (1, 6)
 
 
-def test_frozen_everything_but_estimator_gets_gradients():
-    """Phase III end to end: backbone and adapters frozen, the loss trains only the estimator."""
-    model = build_backbone("tiny")
+def random_lora_bank(model) -> AdapterBank:
+    """One LoRA adapter per class with random (non-zero) weights, so every adapter changes the output."""
     bank = AdapterBank(model, kind="lora")
     for name in CLASSES:
         bank.add(name)
         with torch.no_grad():
             for p in bank.parameters_of(name):
                 p.normal_(0, 0.05)
+    return bank
+
+
+def test_frozen_everything_but_estimator_gets_gradients():
+    """Phase III end to end: backbone and adapters frozen, the loss trains only the estimator."""
+    model = build_backbone("tiny")
+    bank = random_lora_bank(model)
     bank.freeze_backbone(trainable=[])
     est = Estimator(len(CLASSES))
     x = torch.rand(2, 3, 48, 48)
@@ -250,12 +256,7 @@ def test_frozen_everything_but_estimator_gets_gradients():
 def system():
     torch.manual_seed(2)
     model = build_backbone("tiny").eval()
-    bank = AdapterBank(model, kind="lora")
-    for name in CLASSES:
-        bank.add(name)
-        with torch.no_grad():
-            for p in bank.parameters_of(name):
-                p.normal_(0, 0.05)
+    bank = random_lora_bank(model)
     est = Estimator(len(CLASSES), class_names=CLASSES)
     return Restorer(model, bank, est)
 

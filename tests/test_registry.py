@@ -33,14 +33,10 @@ def store(tmp_path_factory):
     from tasks import tracking
 
     root = tmp_path_factory.mktemp("registry")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    tracking.client().create_experiment(tracking.EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    yield root
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        tracking.client().create_experiment(tracking.EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        # Prefect's client logs every API request through httpx at INFO: noise between our lines.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
     except Exception as exc:  # noqa: BLE001 - user errors become one line; the rest keep their traceback

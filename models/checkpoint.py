@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 
 class CheckpointError(ValueError):
@@ -48,6 +48,20 @@ def merge_metadata(reserved: Mapping[str, str], extra: Mapping[str, Any] | None)
     return {**extra, **reserved}
 
 
+def canonical_bytes(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so the same tensors and metadata come out in a
+    different byte order from one save to the next; registration and DVC key files by their bytes.
+    Data offsets are relative to the end of the header, so only the header is rewritten (padded
+    with spaces to 8 bytes, as safetensors does).
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + size:]
+
+
 def save_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Write `tensors` to `path` through a temporary file in the same folder and os.replace.
 
@@ -60,8 +74,9 @@ def save_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, me
     plain = {k: t.detach().to("cpu", copy=False).contiguous() for k, t in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        save_file(plain, str(tmp), metadata=dict(metadata))
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(canonical_bytes(save(plain, metadata=dict(metadata))))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

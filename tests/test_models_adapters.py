@@ -350,3 +350,18 @@ def _plain_state(model):
 def _file_tensors(path):
     from safetensors.torch import load_file
     return load_file(str(path))
+
+
+def test_checkpoint_bytes_depend_only_on_tensors_and_metadata(tmp_path):
+    """safetensors emits its header in hash-map order; registration dedups by file sha256, so the
+    same adapter saved twice must be the same bytes."""
+    from safetensors import safe_open
+
+    model = build_backbone("tiny")
+    bank = AdapterBank(model, kind="lora")
+    bank.add("rain")
+    saved = {bank.save("rain", tmp_path / f"rain{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(saved) == 1
+    with safe_open(str(tmp_path / "rain0.safetensors"), "pt") as f:
+        assert read_adapter_metadata(tmp_path / "rain0.safetensors")["degradation"] == "rain"
+        assert len(list(f.keys())) == len(bank.parameters_of("rain"))

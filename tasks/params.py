@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,6 +16,19 @@ from tasks.errors import AbairError
 DEFAULT_PARAMS = "params.yaml"
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: PyYAML follows YAML 1.1, where `8e-3` and `1e5`
+    (no dot) are strings, while DVC (ruamel, YAML 1.2) reads them as numbers."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, section: str | None = None,
                 overrides: Iterable[str] = ()) -> dict:
     """Read params.yaml (or one section of it) and apply `a.b.c=value` overrides (values parsed as YAML)."""
@@ -22,7 +36,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, section: str | None = None,
     if not path.is_file():
         raise AbairError(path, "params file not found")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise AbairError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
     if section is not None:
@@ -44,7 +58,7 @@ def apply_overrides(params: dict, overrides: Iterable[str]) -> dict:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
                 raise AbairError(item, f"`{name}` is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_yaml(raw)
     return params
 
 

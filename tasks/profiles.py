@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 
 from tasks.errors import AbairError
+from tasks.params import parse_yaml
 from tasks.storage import atomic_path
 
 PROFILE_DIR = Path("profiles")
@@ -45,7 +45,7 @@ def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml",
     if path.suffix not in (".yaml", ".yml"):
         path = Path(profiles) / f"{name_or_path}.yaml"
     path = profile_path(str(path))
-    overlay = yaml.safe_load(path.read_text()) or {}
+    overlay = parse_yaml(path.read_text()) or {}
     if not isinstance(overlay, dict):
         raise AbairError(path, "a profile must be a mapping of params sections")
     return merge_into_params(overlay, params_path, where=str(path))

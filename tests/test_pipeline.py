@@ -89,3 +89,15 @@ def test_retrain_flow_runs_the_pipeline_then_finds_nothing_new(tmp_path, prefect
     ran = set(re.findall(r"Running stage '(\w+)'", rerun.stdout))
     assert {"adapters", "estimator"} <= ran
     assert not {"synthesize", "pretrain"} & ran
+
+
+def test_params_read_exponent_floats_as_dvc_does(tmp_path):
+    """PyYAML (YAML 1.1) reads `8e-3` as a string; DVC and ruamel (YAML 1.2) read a number."""
+    from tasks.params import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain:\n  lr: 8e-3\n  min_lr: 1.0e-5\n  steps: 100\n  loss: l1\n  betas: [0.9, 1e-3]\n")
+    cfg = load_params(params, "pretrain", ["warmup_steps=10", "weight_decay=1e-4", "name=1e5x"])
+    assert cfg == {"lr": 0.008, "min_lr": 1e-5, "steps": 100, "loss": "l1", "betas": [0.9, 0.001],
+                   "warmup_steps": 10, "weight_decay": 0.0001, "name": "1e5x"}
+    assert isinstance(cfg["steps"], int) and isinstance(cfg["warmup_steps"], int)

@@ -4,13 +4,12 @@ in the flow the paper's tables published as Prefect table and markdown artifacts
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import jobs
+from tasks import jobs, tracking
 from tasks.params import load_params
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ def publish_artifacts(metrics: dict, cfg: dict, reports: str | None) -> None:
 @flow(name="abair-evaluate")
 def evaluate_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
                   checkpoints: str = "checkpoints", shards: str = "data/shards", reports: str = "reports") -> dict:
-    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+    tracking.join_flow_pipeline_run()
     cfg = load_params(params_path, "evaluate", list(overrides or []))
     metrics = jobs.evaluate_task(cfg, checkpoints, shards, reports)
     publish_artifacts(metrics, cfg, reports)

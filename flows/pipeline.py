@@ -9,12 +9,11 @@ Each step is the same Prefect task (retries declared there) the other flows use.
 
 from __future__ import annotations
 
-import os
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import jobs
+from tasks import jobs, tracking
 from tasks.params import load_params
 
 
@@ -42,7 +41,7 @@ def pipeline_flow(params_path: str = "params.yaml", source: str | None = None, s
     from flows.registry import register_flow
     from flows.training import training_flow
 
-    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+    tracking.join_flow_pipeline_run()
     index = synthesize_flow(params_path, source, shards)
     trained = training_flow(params_path, shards, checkpoints, f"{reports}/training")
     metrics = evaluate_flow(params_path, checkpoints=checkpoints, shards=shards, reports=reports)

@@ -9,12 +9,11 @@ or the flows with `--runner prefect`. prefect.yaml deploys `promote_flow`.
 from __future__ import annotations
 
 import logging
-import os
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import jobs
+from tasks import jobs, tracking
 from tasks.params import load_params
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def register_flow(params_path: str = "params.yaml", checkpoints: str = "checkpoi
     register.auto_promote)."""
     from tasks import registry
 
-    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+    tracking.join_flow_pipeline_run()
     cfg = load_params(params_path, "register")
     result = jobs.register_task(params_path, checkpoints, metrics_path, shards)
     if cfg.get("auto_promote", True) if promote is None else promote:

@@ -54,16 +54,11 @@ def adapters_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         log.info("adapters: removed %s (no longer in params)", removed)
     names = list(cfg["degradations"])
     devices, threads, _ = plan_devices(cfg, len(names))
-    run = tracking.start_run("adapters", tags={"abair.stage": "adapters"})
-    run.log_params({"degradations": names, "devices": devices})
-    try:
+    with tracking.start_run("adapters", tags={"abair.stage": "adapters"}) as run:
+        run.log_params({"degradations": names, "devices": devices})
         futures = [jobs.adapter_job.submit(name, params_path, overrides, backbone, shards, out_dir, reports,
                                            devices[i], threads[i], run.run_id) for i, name in enumerate(names)]
         results = [f.result() for f in futures]
-    except BaseException:
-        run.end("FAILED")
-        raise
-    run.end()
     table = results_table(results)
     create_markdown_artifact(table, key="abair-adapters", description="Phase II adapters")
     log.info("adapters:\n%s", table)
@@ -99,7 +94,7 @@ def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[d
 def training_flow(params_path: str = "params.yaml", shards: str = "data/shards", checkpoints: str = "checkpoints",
                   reports: str = "reports/training") -> dict:
     """Phases I-III in order as tasks (the same work `dvc repro` runs stage by stage)."""
-    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+    tracking.join_flow_pipeline_run()
     pretrain_summary = jobs.pretrain_task(load_params(params_path, "pretrain"), shards,
                                           f"{checkpoints}/backbone.safetensors", f"{checkpoints}/pretrain.state.pt", reports)
     adapters = run_adapters_flow(params_path, [], backbone=f"{checkpoints}/backbone.safetensors", shards=shards,

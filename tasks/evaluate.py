@@ -1076,8 +1076,7 @@ def evaluate(cfg: dict, checkpoints: str = "checkpoints", shards: str = "data/sh
     from tasks import tracking
 
     suite = suite_fingerprint(cfg, shards)
-    run = tracking.start_run("evaluate", tags={"abair.stage": "evaluate", "abair.suite": suite})
-    try:
+    with tracking.start_run("evaluate", tags={"abair.stage": "evaluate", "abair.suite": suite}) as run:
         run.log_params({k: v for k, v in cfg.items() if k not in ("sets", "defaults")})
         run.log_params({"sets": [s.name for s in parse_sets(cfg)], "suite": suite, "checkpoints": checkpoints})
         metrics = evaluate_restorer(restorer, cfg, shards, reports, progress, {**info, "suite": suite})
@@ -1087,8 +1086,4 @@ def evaluate(cfg: dict, checkpoints: str = "checkpoints", shards: str = "data/sh
         run.log_artifact(folder / "results.md")
         for path in sorted((folder / "plots").rglob("*.png")):
             run.log_artifact(path, str(path.parent.relative_to(folder)))
-        run.end()
-    except BaseException:
-        run.end("FAILED")
-        raise
     return metrics

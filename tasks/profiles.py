@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from tasks.errors import AbairError
 from tasks.params import parse_yaml
 from tasks.storage import atomic_path

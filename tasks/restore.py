@@ -297,7 +297,7 @@ def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Jo
             raise AbairError(job.source, f"would be written to {job.target} as {seen[target]} is too (restore them separately)")
         seen[target] = job.source
         if target in sources and not overwrite:
-            raise AbairError(job.source, f"would be overwritten by its restored image (choose another --out, or pass --overwrite)")
+            raise AbairError(job.source, "would be overwritten by its restored image (choose another --out, or pass --overwrite)")
     return jobs
 
 

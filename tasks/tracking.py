@@ -71,11 +71,17 @@ def pipeline_key() -> str | None:
     return os.environ.get("ABAIR_PIPELINE_RUN") or _dvc_ancestor()
 
 
+def join_flow_pipeline_run() -> None:
+    """Stages run by a Prefect flow in this process share one parent run (unless one is set)."""
+    os.environ.setdefault("ABAIR_PIPELINE_RUN", f"prefect-{os.getpid()}")
+
+
 class Run:
     """One MLflow run: params, step metrics, artifacts, tags; end() with a status."""
 
     def __init__(self, mlflow_client, run_id: str):
         self.client, self.run_id = mlflow_client, run_id
+        self.ended = False
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
         from mlflow.entities import Param
@@ -112,7 +118,7 @@ class Run:
         """FAILED when the block raised, else FINISHED (unless the block ended the run itself)."""
         if exc_type is not None:
             self.end("FAILED")
-        elif not getattr(self, "ended", False):
+        elif not self.ended:
             self.end()
 
 

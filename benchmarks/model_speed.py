@@ -141,25 +141,6 @@ def parameter_part(sizes: list[str]) -> dict:
     return out
 
 
-def tiling_part() -> dict:
-    """How far tiled inference is from whole-image inference (global attention makes them differ)."""
-    torch.manual_seed(2)
-    model = build_backbone("tiny").eval()
-    bank = with_adapters(model, "lora")
-    restorer = Restorer(model, bank)
-    base = torch.rand(1, 3, 26, 20)
-    x = F.interpolate(base, size=(256, 200), mode="bicubic", align_corners=False)
-    x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
-    w = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1]])
-    whole, _ = restorer.restore(x, mode="oracle", weights=w)
-    out = {}
-    for tile in (96, 128, 192):
-        tiled, _ = restorer.restore(x, mode="oracle", weights=w, tile=tile, overlap=32)
-        diff = (tiled - whole).abs()
-        out[str(tile)] = {"max_abs_diff": round(diff.max().item(), 5), "mean_abs_diff": round(diff.mean().item(), 6)}
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # GPU
 
@@ -291,16 +272,6 @@ def write_report(result: dict, out_dir: Path) -> None:
                   "into the backbone, so it costs the backbone's time plus the merge (and the clamp). Variants "
                   "are timed in interleaved rounds.", ""]
 
-    if result.get("tiling"):
-        lines += ["## Tiled vs whole-image inference (tiny, 256x200, overlap 32, 5 LoRA adapters)", "",
-                  "Restormer's transposed attention is global over the pixels (its CxC statistics use "
-                  "every pixel), so a tile cannot reproduce the whole-image result exactly; the "
-                  "difference is spread over the image rather than concentrated at tile borders.", "",
-                  "| tile | max abs diff | mean abs diff |", "|---:|---:|---:|"]
-        for tile, d in result["tiling"].items():
-            lines.append(f"| {tile} | {d['max_abs_diff']} | {d['mean_abs_diff']} |")
-        lines.append("")
-
     lines += ["## GPU", ""]
     gpu = result.get("gpu")
     if not gpu:
@@ -344,7 +315,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if not args.skip_cpu:
         result["cpu"] = cpu_part(args.sizes, args.side, {"tiny": args.repeats, "base": 3, "large": 3})
-    result["tiling"] = tiling_part()
     result["gpu"] = gpu_part(args.compile) if torch.cuda.is_available() else None
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     write_report(result, Path(args.out))

@@ -50,7 +50,7 @@ def cmd_restore(args) -> None:
 
     restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None, tiling=args.tiling)
 
 
 def cmd_add_degradation(args) -> None:
@@ -104,7 +104,10 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--out", default="restored", help="output folder (default: restored); inputs are never overwritten")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an input file")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"per-tile pixel budget; larger images run in overlapping tiles (default: {DEFAULT_MAX_PIXELS}; 0: whole)")
+                   help=f"per-tile pixel budget; larger images run in tiles (default: {DEFAULT_MAX_PIXELS}; 0: whole)")
+    p.add_argument("--tiling", choices=["exact", "local"], default="exact",
+                   help="exact: tiles inside the network, the same pixels as whole-image inference (default); "
+                        "local: independent overlapping tiles, memory independent of the image size, slightly different")
     p.add_argument("--quality", type=int, help="JPEG output quality (default: the input's, estimated)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_restore)

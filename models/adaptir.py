@@ -140,15 +140,21 @@ class AdaptIRLayer(WeightedAdapters, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        delta = self.adapter_delta(x)
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sum_k w[b, k] * adapter_k(x) over the active adapters (None when there are none)."""
         if self.adapter_weights is None or not self.active_adapters:
-            return out
+            return None
         weights = self.adapter_weights.to(x.device, non_blocking=True)
         adapters = [self.adapters[name] for name in self.active_adapters]
         if len({(a.hidden, a.kernel_size) for a in adapters}) == 1:
-            return out + stacked_adapters(x, adapters, weights).to(out.dtype)
+            return stacked_adapters(x, adapters, weights)
+        delta = 0
         for k, adapter in enumerate(adapters):  # mixed widths: one call each
-            out = out + weights[:, k, None, None, None].to(out.dtype) * adapter(x).to(out.dtype)
-        return out
+            delta = delta + weights[:, k, None, None, None].to(x.dtype) * adapter(x)
+        return delta
 
     def original_base_tensors(self) -> dict[str, torch.Tensor]:
         return {}  # AdaptIR never merges into the base layer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,17 +118,27 @@ class MDTA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)             # 3 x B x C x H x W
-        # reshape is a view for contiguous and for channels-last inputs alike
-        q = q.reshape(b, self.heads, c // self.heads, h * w)                # B x heads x c x HW
-        k = k.reshape(b, self.heads, c // self.heads, h * w)
-        v = v.reshape(b, self.heads, c // self.heads, h * w)
+        q, k, v = self.split_heads(self.qkv_dwconv(self.qkv(x)))            # 3 x B x heads x c x HW
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)) * self.temperature                 # B x heads x c x c
         attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         out = (attn @ v).reshape(b, c, h, w)                                # B x C x H x W
         return self.project_out(out)
+
+    def split_heads(self, qkv: torch.Tensor) -> list[torch.Tensor]:
+        """B x 3C x H x W -> q, k, v, each B x heads x C/heads x HW."""
+        b, c3, h, w = qkv.shape
+        # reshape is a view for contiguous and for channels-last inputs alike
+        return [t.reshape(b, self.heads, c3 // (3 * self.heads), h * w) for t in qkv.chunk(3, dim=1)]
+
+    def attention_from_sums(self, gram: torch.Tensor, q_sq: torch.Tensor, k_sq: torch.Tensor) -> torch.Tensor:
+        """The attention forward() computes, from sums over the pixels: gram = Q K^T
+        (B x heads x c x c), q_sq / k_sq = squared L2 norms of Q / K rows (B x heads x c)."""
+        # F.normalize divides by max(norm, 1e-12)
+        q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
+        attn = gram / (q_norm[..., :, None] * k_norm[..., None, :]) * self.temperature
+        return attn.softmax(dim=-1, dtype=torch.float32)
 
 
 class GDFN(nn.Module):
@@ -156,6 +167,40 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
+
+    def forward_tiled(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        """forward() holding the block's wide maps (3C for attention, 2 x hidden in the FFN) for
+        one side x side tile at a time; only x and the output are whole. Equal to forward() up to
+        float summation order, at every pixel.
+
+        MDTA's attention is global over the pixels, so it takes two passes over the tiles: the
+        first sums Q K^T and the squared norms of Q and K, the second applies the softmax to each
+        tile's V. Everything else is per pixel or a 3x3 depthwise conv (one pixel of halo).
+        """
+        tiles = halo_tiles(x.shape[-2], x.shape[-1], side, halo=1)
+        gram = q_sq = k_sq = None
+        for tile in tiles:
+            q, k, _ = self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+            sums = (q @ k.transpose(-2, -1), q.square().sum(-1), k.square().sum(-1))
+            gram, q_sq, k_sq = sums if gram is None else (gram + sums[0], q_sq + sums[1], k_sq + sums[2])
+        attn = self.attn.attention_from_sums(gram, q_sq, k_sq)                 # B x heads x c x c
+
+        y = torch.empty_like(x)
+        for tile in tiles:
+            _, _, v = self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+            b, c, h, w = y[tile.out].shape
+            y[tile.out] = x[tile.out] + self.attn.project_out((attn.to(v.dtype) @ v).reshape(b, c, h, w))
+
+        # AdaptIR adapters beside the FFN take an FFT of their whole (K x hidden channel) map
+        adapter_delta = getattr(self.ffn, "adapter_delta", None)
+        delta = adapter_delta(self.norm2(y)) if adapter_delta is not None else None
+        ffn = self.ffn.base_layer if adapter_delta is not None else self.ffn
+        out = torch.empty_like(y)
+        for tile in tiles:
+            out[tile.out] = y[tile.out] + ffn(self.norm2(y[tile.region]))[tile.inner]
+            if delta is not None:
+                out[tile.out] += delta[tile.out].to(out.dtype)
+        return out
 
 
 def transformer_stage(count: int, dim: int, heads: int, expansion: float, bias: bool) -> nn.Sequential:
@@ -192,13 +237,15 @@ class PromptBlock(nn.Module):
         self.fuse = TransformerBlock(2 * dim, heads, expansion, bias)
         self.reduce = nn.Conv2d(2 * dim, dim, 1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, run_block=None) -> torch.Tensor:
+        """run_block(block, x): how to run the fusing transformer block (default: block(x))."""
         weights = self.select(x.mean(dim=(-2, -1))).softmax(dim=-1)                  # B x L
         components = self.components.to(weights.dtype)
         prompt = torch.einsum("bl,lchw->bchw", weights, components)                  # B x C x S x S
         prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
         prompt = self.prompt_conv(prompt.to(x.dtype))                                # B x C x H x W
-        return self.reduce(self.fuse(torch.cat([x, prompt], dim=1)))
+        fused = torch.cat([x, prompt], dim=1)                                       # B x 2C x H x W
+        return self.reduce(self.fuse(fused) if run_block is None else run_block(self.fuse, fused))
 
 
 class SegmentationHead(nn.Sequential):
@@ -207,6 +254,35 @@ class SegmentationHead(nn.Sequential):
     def __init__(self, channels: int, classes: int):
         super().__init__(nn.Conv2d(channels, channels // 2, 3, padding=1), nn.GELU(),
                          nn.Conv2d(channels // 2, classes, 1))
+
+
+@dataclass(frozen=True)
+class HaloTile:
+    """One tile of a feature map, as index tuples for B x C x H x W tensors."""
+    region: tuple   # the tile grown by the halo, clipped to the map
+    inner: tuple    # the tile inside `region`
+    out: tuple      # the tile inside the map
+
+
+def halo_tiles(height: int, width: int, side: int, halo: int) -> list[HaloTile]:
+    """Tiles of at most side x side covering the map, equal in size to within a pixel. Operations
+    that reach `halo` pixels, run on `region` with their own zero padding, are exact on `inner`:
+    inside the map the halo supplies the neighbours, at its border the padding is the same as
+    for the whole map."""
+    def cuts(size: int) -> list[tuple[int, int]]:
+        count = math.ceil(size / side)
+        edges = [round(i * size / count) for i in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
+    tiles = []
+    for y0, y1 in cuts(height):
+        for x0, x1 in cuts(width):
+            ry0, rx0 = max(y0 - halo, 0), max(x0 - halo, 0)
+            ry1, rx1 = min(y1 + halo, height), min(x1 + halo, width)
+            tiles.append(HaloTile((..., slice(ry0, ry1), slice(rx0, rx1)),
+                                  (..., slice(y0 - ry0, y1 - ry0), slice(x0 - rx0, x1 - rx0)),
+                                  (..., slice(y0, y1), slice(x0, x1))))
+    return tiles
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
@@ -261,34 +337,52 @@ class Backbone(nn.Module):
 
         self.seg_head = SegmentationHead(dim * 2, config.seg_classes) if config.seg_classes > 0 else None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W (H, W multiples of 8) -> B x 2C x H x W, the refinement output."""
-        enc1 = self.encoder_level1(self.patch_embed(x))                  # B x C x H x W
-        enc2 = self.encoder_level2(self.down1_2(enc1))                   # B x 2C x H/2 x W/2
-        enc3 = self.encoder_level3(self.down2_3(enc2))                   # B x 4C x H/4 x W/4
-        latent = self.latent(self.down3_4(enc3))                         # B x 8C x H/8 x W/8
+    def features(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """B x 3 x H x W (H, W multiples of 8) -> B x 2C x H x W, the refinement output.
+        tile: run every transformer block in tiles (TransformerBlock.forward_tiled)."""
+        def stage(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+            for block in blocks:
+                x = block(x) if tile is None else run_tiled(block, x)
+            return x
+
+        def run_tiled(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+            # the same tile memory (channels x pixels) at every level
+            width = block.norm1.weight.numel()
+            return block.forward_tiled(x, max(16, round(tile * math.sqrt(self.config.dim / width))))
+
+        prompt_block = None if tile is None else run_tiled
+        enc1 = stage(self.encoder_level1, self.patch_embed(x))           # B x C x H x W
+        enc2 = stage(self.encoder_level2, self.down1_2(enc1))            # B x 2C x H/2 x W/2
+        enc3 = stage(self.encoder_level3, self.down2_3(enc2))            # B x 4C x H/4 x W/4
+        latent = stage(self.latent, self.down3_4(enc3))                  # B x 8C x H/8 x W/8
         if self.prompt3 is not None:
-            latent = self.prompt3(latent)
+            latent = self.prompt3(latent, prompt_block)
 
         dec3 = torch.cat([self.up4_3(latent), enc3], dim=1)             # B x 8C x H/4 x W/4
-        dec3 = self.decoder_level3(self.reduce_chan_level3(dec3))        # B x 4C x H/4 x W/4
+        dec3 = stage(self.decoder_level3, self.reduce_chan_level3(dec3))  # B x 4C x H/4 x W/4
         if self.prompt2 is not None:
-            dec3 = self.prompt2(dec3)
+            dec3 = self.prompt2(dec3, prompt_block)
 
         dec2 = torch.cat([self.up3_2(dec3), enc2], dim=1)               # B x 4C x H/2 x W/2
-        dec2 = self.decoder_level2(self.reduce_chan_level2(dec2))        # B x 2C x H/2 x W/2
+        dec2 = stage(self.decoder_level2, self.reduce_chan_level2(dec2))  # B x 2C x H/2 x W/2
         if self.prompt1 is not None:
-            dec2 = self.prompt1(dec2)
+            dec2 = self.prompt1(dec2, prompt_block)
 
         dec1 = torch.cat([self.up2_1(dec2), enc1], dim=1)               # B x 2C x H x W
-        return self.refinement(self.decoder_level1(dec1))               # B x 2C x H x W
+        return stage(self.refinement, stage(self.decoder_level1, dec1))  # B x 2C x H x W
 
-    def forward(self, x: torch.Tensor, with_seg: bool = False):
+    def forward(self, x: torch.Tensor, with_seg: bool = False, tile: int | None = None):
         """Restore B x 3 x H x W images (any H, W). Returns restored (not clamped, so L1 training
-        sees the raw output), or (restored, seg_logits B x seg_classes x H x W) when with_seg."""
+        sees the raw output), or (restored, seg_logits B x seg_classes x H x W) when with_seg.
+
+        tile: hold the transformer blocks' wide maps for about tile x tile pixels (of the first
+        level; deeper levels scale the side so channels x pixels stay the same) at a time. Same
+        result as whole-image inference to float rounding; the memory saved is that of the
+        blocks' internals (about 5x the block width), not of the skip connections.
+        """
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x)
-        feats = self.features(padded)
+        feats = self.features(padded, tile)
         restored = (padded + self.output(feats))[..., :h, :w]
         if not with_seg:
             return restored

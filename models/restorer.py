@@ -6,8 +6,12 @@
 Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator soft weights),
 "oh" (estimator one-hot). With LoRA adapters and the same weights for every image of the batch
 (always so for a single image), the blend is merged into the backbone for the call: zero overhead.
-Large images run in overlapping tiles blended with raised-cosine ramps; the estimator still sees
-the whole image once, so every tile uses the same adapter weights.
+Large images run tiled. `tiling="exact"` (the default) tiles inside every transformer block
+(Backbone.forward(tile=...)): the same result as the whole image, to float rounding, with the
+blocks' wide maps held one tile at a time. `tiling="local"` runs the network on overlapping tiles
+blended with raised-cosine ramps: memory independent of the image size, but each tile's channel
+attention sees only that tile, so results differ slightly (no seams). Either way the estimator
+sees the whole image once, so every tile uses the same adapter weights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from models.backbone import SIZE_MULTIPLE, Backbone, num_parameters, restoration
 from models.estimator import Estimator
 
 MODES = ("sw", "oh", "oracle", "none")
+TILINGS = ("exact", "local")
 DEFAULT_OVERLAP = 32
 
 
@@ -111,16 +116,20 @@ class Restorer(nn.Module):
     # -- the one call ----------------------------------------------------------------------------
 
     def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float = 1.0,
-                tile: int | None = None, max_pixels: int | None = None,
-                overlap: int = DEFAULT_OVERLAP) -> tuple[torch.Tensor, torch.Tensor | None]:
+                tile: int | None = None, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP,
+                tiling: str = "exact") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used B x K
         in `names` order, or None for mode "none").
 
         tile: tile side in pixels; max_pixels: a per-tile pixel budget the tile side is derived
-        from (ignored when `tile` is given). Images that fit in one tile run whole.
+        from (ignored when `tile` is given). Images that fit in one tile run whole. tiling:
+        "exact" (equal to whole-image inference) or "local" (independent overlapping tiles, blended
+        over `overlap` pixels; see the module docstring).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
         modes = {module: module.training for module in self.modules()}
@@ -129,11 +138,13 @@ class Restorer(nn.Module):
             with torch.no_grad():
                 images = images.float()
                 used = self._weights_for(images, mode, weights, temperature)
-                side = tile_side(tile, max_pixels, overlap)
+                side = tile_side(tile, max_pixels, overlap if tiling == "local" else 0)
                 h, w = images.shape[-2:]
                 with self._adapters(used, mode):
                     if side is None or (h <= side and w <= side):
                         out = self.backbone(images)
+                    elif tiling == "exact":
+                        out = self.backbone(images, tile=side)
                     else:
                         out = tiled_apply(self.backbone, images, side, overlap)
         finally:
@@ -151,8 +162,8 @@ def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_O
     if tile is None and max_pixels is None:
         return None
     side = int(tile) if tile is not None else int(math.isqrt(int(max_pixels))) // SIZE_MULTIPLE * SIZE_MULTIPLE
-    if side <= 2 * overlap:
-        raise ValueError(f"tile side {side} must exceed twice the overlap ({overlap} px)")
+    if side <= max(2 * overlap, SIZE_MULTIPLE - 1):
+        raise ValueError(f"tile side {side} must exceed twice the overlap ({overlap} px) and be at least {SIZE_MULTIPLE}")
     return side
 
 

@@ -24,7 +24,7 @@ from tasks.errors import AbairError
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("models", "tasks")
-DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": 512 * 512}
+DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": 512 * 512, "tiling": "exact"}
 # What the model folder needs at load time besides its bundled code (versions as in pyproject).
 PIP_REQUIREMENTS = ["torch==2.13.0", "mlflow==3.17.2", "safetensors>=0.4", "numpy>=1.26", "opencv-python-headless>=4.9",
                     "boto3>=1.34"]
@@ -55,6 +55,7 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         config = {**DEFAULT_CONFIG, **(context.model_config or {})}
         self.mode = config["mode"]
         self.max_pixels = config["max_pixels"]
+        self.tiling = config["tiling"]
         self.restorer = load_system(context.artifacts["backbone"], context.artifacts["adapters"],
                                     context.artifacts["estimator"], pick_device(config["device"]))
 
@@ -72,7 +73,7 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected uint8 HxWx3, got {image.dtype} {image.shape}")
-            restored, _ = restore_rgb(self.restorer, image.astype(np.float32) / 255.0, mode, self.max_pixels)
+            restored, _ = restore_rgb(self.restorer, image.astype(np.float32) / 255.0, mode, self.max_pixels, self.tiling)
             outputs.append((np.clip(restored, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
         return outputs[0] if single else outputs
 

@@ -3,8 +3,9 @@
 What is kept: size, bit depth (8 or 16 bit in, the same out), grayscale (restored as three equal
 channels, written back as one), alpha (set aside, re-attached untouched), format (JPEG out at the
 quality estimated from the input's quantisation tables). EXIF orientation is applied on reading,
-so outputs are upright and carry no orientation tag. Any size: large images run in overlapping
-tiles under a pixel budget while the estimator still sees the whole image once.
+so outputs are upright and carry no orientation tag. Any size: large images run in tiles under a
+pixel budget (exact by default: the same pixels as whole-image inference; see models/restorer.py)
+while the estimator still sees the whole image once.
 
 The model is a registry reference (`models:/abair-restorer@champion`, `models:/abair-restorer/3`),
 a local folder of components (backbone.safetensors, adapters/, estimator.safetensors) or a
@@ -65,14 +66,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     return load_system_dir(components_dir(path), torch_device), str(path)
 
 
-def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS
-                ) -> tuple[np.ndarray, dict[str, float]]:
+def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                tiling: str = "exact") -> tuple[np.ndarray, dict[str, float]]:
     """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight})."""
     import torch
 
     device = next(restorer.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
-    restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels)
+    restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels, tiling=tiling)
     out = restored[0].permute(1, 2, 0).float().cpu().numpy()
     used = {} if weights is None else {n: float(w) for n, w in zip(restorer.names, weights[0].cpu().tolist())}
     return out, used
@@ -307,13 +308,15 @@ def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Jo
 
 def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path = "restored", mode: str = "sw",
                   device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False,
-                  quality: int | None = None, progress: bool | None = None, echo=print) -> dict:
+                  quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "exact") -> dict:
     """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
     is reported and skipped; the run then ends with an AbairError naming how many failed."""
     from tqdm import tqdm
 
     if mode not in ("sw", "oh"):
         raise AbairError("--mode", f"must be sw or oh, got {mode!r}")
+    if tiling not in ("exact", "local"):
+        raise AbairError("--tiling", f"must be exact or local, got {tiling!r}")
     jobs = plan(inputs, out, overwrite)
     restorer, described = load_model(model, device)
     echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}")
@@ -326,7 +329,7 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
         try:
             data = storage.read_bytes(job.source)
             source = decode_image(data, job.source)
-            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels)
+            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels, tiling)
             encoded = encode_like(restored, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
         except AbairError as exc:

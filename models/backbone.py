@@ -181,6 +181,7 @@ class TransformerBlock(nn.Module):
         gram = q_sq = k_sq = None
         for tile in tiles:
             q, k, _ = self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+            q, k = q.float(), k.float()   # sums over many tiles: float32 even under bf16 autocast
             sums = (q @ k.transpose(-2, -1), q.square().sum(-1), k.square().sum(-1))
             gram, q_sq, k_sq = sums if gram is None else (gram + sums[0], q_sq + sums[1], k_sq + sums[2])
         attn = self.attn.attention_from_sums(gram, q_sq, k_sq)                 # B x heads x c x c

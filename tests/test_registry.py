@@ -122,6 +122,10 @@ def test_pyfunc_loads_in_a_fresh_process_and_predicts(store, checkpoints, tmp_pa
     images = [rng.integers(0, 256, (19, 27, 3), dtype=np.uint8), rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)]
     np.save(tmp_path / "a.npy", images[0])
     np.save(tmp_path / "b.npy", images[1])
+    yy, xx = np.mgrid[0:100, 0:140] / 140.0
+    large = np.stack([xx, yy, 0.5 + 0.4 * np.sin(9 * xx * yy)], axis=2) + rng.normal(0, 0.05, (100, 140, 3))
+    large = (np.clip(large, 0, 1) * 255).astype(np.uint8)
+    np.save(tmp_path / "c.npy", large)
     script = f"""
 import mlflow.pyfunc, numpy as np, sys
 model = mlflow.pyfunc.load_model("models:/abair-restorer/1")
@@ -132,6 +136,8 @@ out = model.predict(a)
 outs = model.unwrap_python_model().predict(None, [a, b])
 oh = model.predict(a, params={{"mode": "oh"}})
 np.save("{tmp_path / 'out.npy'}", out); np.save("{tmp_path / 'out_b.npy'}", outs[1]); np.save("{tmp_path / 'oh.npy'}", oh)
+local = mlflow.pyfunc.load_model("models:/abair-restorer/1", model_config={{"max_pixels": 72 * 72, "tiling": "local"}})
+np.save("{tmp_path / 'local.npy'}", local.predict(np.load("{tmp_path / 'c.npy'}")))
 print("loaded from", sys.modules["tasks.pyfunc"].__file__)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -146,6 +152,13 @@ print("loaded from", sys.modules["tasks.pyfunc"].__file__)
         assert np.abs(got.astype(int) - np.round(expected * 255)).max() <= 1
         assert np.abs(got.astype(int) - image.astype(int)).mean() > 1  # it restored something
     assert np.load(tmp_path / "oh.npy").shape == images[0].shape
+
+    # load-time config: a pixel budget and independent (local) tiles reach Restorer.restore
+    got = np.load(tmp_path / "local.npy").astype(int)
+    local, _ = restore_rgb(restorer, large.astype(np.float32) / 255, max_pixels=72 * 72, tiling="local")
+    whole, _ = restore_rgb(restorer, large.astype(np.float32) / 255, max_pixels=None)
+    assert np.abs(got - np.round(local * 255)).max() <= 1
+    assert np.abs(got - np.round(whole * 255)).max() > 1
 
 
 def fresh_versions(checkpoints, *entries) -> list[str]:

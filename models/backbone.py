@@ -178,9 +178,13 @@ class TransformerBlock(nn.Module):
         tile's V. Everything else is per pixel or a 3x3 depthwise conv (one pixel of halo).
         """
         tiles = halo_tiles(x.shape[-2], x.shape[-1], side, halo=1)
+
+        def qkv_of(tile: HaloTile) -> list[torch.Tensor]:                     # 3 x B x heads x c x tile pixels
+            return self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+
         gram = q_sq = k_sq = None
         for tile in tiles:
-            q, k, _ = self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+            q, k, _ = qkv_of(tile)
             q, k = q.float(), k.float()   # sums over many tiles: float32 even under bf16 autocast
             sums = (q @ k.transpose(-2, -1), q.square().sum(-1), k.square().sum(-1))
             gram, q_sq, k_sq = sums if gram is None else (gram + sums[0], q_sq + sums[1], k_sq + sums[2])
@@ -188,7 +192,7 @@ class TransformerBlock(nn.Module):
 
         y = torch.empty_like(x)
         for tile in tiles:
-            _, _, v = self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
+            _, _, v = qkv_of(tile)
             b, c, h, w = y[tile.out].shape
             y[tile.out] = x[tile.out] + self.attn.project_out((attn.to(v.dtype) @ v).reshape(b, c, h, w))
 

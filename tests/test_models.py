@@ -224,21 +224,25 @@ def test_estimator_modes_and_growth(tmp_path):
     assert small.shape == (1, 6)
 
 
-def random_lora_bank(model) -> AdapterBank:
-    """One LoRA adapter per class with random (non-zero) weights, so every adapter changes the output."""
-    bank = AdapterBank(model, kind="lora")
+def random_bank(model, kind: str = "lora") -> AdapterBank:
+    """One adapter per class with random non-zero tensors, so every adapter changes the output.
+    LoRA tensors are drawn afresh; AdaptIR's are perturbed, as several start at the identity."""
+    bank = AdapterBank(model, kind=kind)
     for name in CLASSES:
         bank.add(name)
         with torch.no_grad():
             for p in bank.parameters_of(name):
-                p.normal_(0, 0.05)
+                if kind == "lora":
+                    p.normal_(0, 0.05)
+                else:
+                    p.add_(torch.randn_like(p) * 0.05)
     return bank
 
 
 def test_frozen_everything_but_estimator_gets_gradients():
     """Phase III end to end: backbone and adapters frozen, the loss trains only the estimator."""
     model = build_backbone("tiny")
-    bank = random_lora_bank(model)
+    bank = random_bank(model)
     bank.freeze_backbone(trainable=[])
     est = Estimator(len(CLASSES))
     x = torch.rand(2, 3, 48, 48)
@@ -256,7 +260,7 @@ def test_frozen_everything_but_estimator_gets_gradients():
 def system():
     torch.manual_seed(2)
     model = build_backbone("tiny").eval()
-    bank = random_lora_bank(model)
+    bank = random_bank(model)
     est = Estimator(len(CLASSES), class_names=CLASSES)
     return Restorer(model, bank, est)
 
@@ -310,16 +314,6 @@ def test_restorer_names_reorder_to_bank_columns(system):
     assert torch.equal(a, b)
 
 
-def random_adaptir_bank(model) -> AdapterBank:
-    bank = AdapterBank(model, kind="adaptir")
-    for name in CLASSES:
-        bank.add(name)
-        with torch.no_grad():
-            for p in bank.parameters_of(name):
-                p.add_(torch.randn_like(p) * 0.05)
-    return bank
-
-
 @pytest.mark.parametrize("variant", ["lora-merged", "lora-per-sample", "adaptir", "prompt"])
 def test_exact_tiling_equals_whole_everywhere(variant, monkeypatch):
     """Tiled inside the blocks (two passes for MDTA's global attention), the result equals the
@@ -329,7 +323,7 @@ def test_exact_tiling_equals_whole_everywhere(variant, monkeypatch):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)   # away from the initialisation's symmetries
-    bank = random_adaptir_bank(model) if variant == "adaptir" else random_lora_bank(model)
+    bank = random_bank(model, "adaptir" if variant == "adaptir" else "lora")
     restorer = Restorer(model, bank)
     x = smooth_images(2, 203, 150)
     weights = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1], [0.1, 0.2, 0.4, 0.2, 0.1]])

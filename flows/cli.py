@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
+# Prefect's ephemeral server (used when PREFECT_API_URL is unset) gets 20 s to start and SQLite
+# 5-10 s per lock by default: too little on a busy 2-core machine. Users' own settings win; set
+# when a command runs, never on import.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+                    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30"}
 
 
 def user_error(exc: BaseException) -> bool:
@@ -20,13 +27,13 @@ def user_error(exc: BaseException) -> bool:
 
 
 def _params(args, section: str) -> dict:
-    from tasks.params import load_params
+    from tasks.core.params import load_params
 
     return load_params(args.params, section, args.set or ())
 
 
 def cmd_synthesize(args) -> None:
-    from tasks.synthesize import synthesize
+    from tasks.data.synthesize import synthesize
 
     cfg = _params(args, "synthesize")
     if args.count is not None:
@@ -42,7 +49,7 @@ def cmd_degrade(args) -> None:
     import numpy as np
 
     import degradations
-    from tasks import imageio
+    from tasks.core import imageio
 
     img = imageio.read_image(args.input)
     if min(img.shape[:2]) < 2:
@@ -59,14 +66,14 @@ def cmd_degrade(args) -> None:
 
 
 def cmd_preview(args) -> None:
-    from tasks.preview import write_preview
+    from tasks.data.preview import write_preview
 
     sheet = write_preview(args.output, _params(args, "synthesize"), seed=args.seed)
     print(f"{args.output}: {sheet.shape[1]}x{sheet.shape[0]} contact sheet")
 
 
 def cmd_pretrain(args) -> None:
-    from tasks.pretrain import pretrain
+    from tasks.train.pretrain import pretrain
 
     cfg = _params(args, "pretrain")
     summary = pretrain(cfg, shards=args.shards, out=args.out, state_path=args.state, reports=args.reports,
@@ -78,8 +85,8 @@ def cmd_pretrain(args) -> None:
 def cmd_adapter(args) -> None:
     import json
 
-    from tasks.adapters import train_adapter
-    from tasks.storage import atomic_path
+    from tasks.train.adapters import train_adapter
+    from tasks.core.storage import atomic_path
 
     cfg = _params(args, "adapters")
     summary = train_adapter(cfg, args.name, backbone_path=args.backbone, shards=args.shards, out_dir=args.out_dir,
@@ -97,7 +104,7 @@ def cmd_adapters(args) -> None:
 
         run_adapters_flow(args.params, list(args.set or ()), **paths)
         return
-    from tasks.adapters import prune_adapters, train_adapter
+    from tasks.train.adapters import prune_adapters, train_adapter
 
     cfg = _params(args, "adapters")
     prune_adapters(cfg, args.out_dir)
@@ -106,14 +113,14 @@ def cmd_adapters(args) -> None:
 
 
 def cmd_estimator(args) -> None:
-    from tasks.estimator import train_estimator
+    from tasks.train.estimator import train_estimator
 
     train_estimator(_params(args, "estimator"), backbone_path=args.backbone, adapters_dir=args.adapters,
                     shards=args.shards, out=args.out, reports=args.reports)
 
 
 def cmd_manifest(args) -> None:
-    from tasks.manifest import source_manifest, write_manifest
+    from tasks.data.manifest import source_manifest, write_manifest
 
     cfg = _params(args, "synthesize")
     manifest = source_manifest(args.source or cfg["source"], cfg.get("endpoint_url"))
@@ -151,7 +158,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    from tasks.profiles import apply_profile
+    from tasks.core.profiles import apply_profile
 
     changed = apply_profile(args.profile, args.params)
     print(f"{args.params}: {len(changed)} value(s) changed by profile {args.profile}" +
@@ -271,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:

@@ -9,8 +9,10 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import jobs, tracking
-from tasks.params import load_params
+from flows import jobs
+
+from tasks.core import tracking
+from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ TABLE_DESCRIPTIONS = {
 
 def publish_artifacts(metrics: dict, cfg: dict, reports: str | None) -> None:
     """One table artifact per paper table, plus results.md as a markdown artifact."""
-    from tasks.evaluate import paper_tables
+    from tasks.evaluate.stage import paper_tables
 
     for name, rows in paper_tables(metrics, cfg).items():
         if rows:

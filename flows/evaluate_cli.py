@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.params import load_params
+from tasks.core.params import load_params
 
 
 def cmd_evaluate(args) -> None:
@@ -12,7 +12,7 @@ def cmd_evaluate(args) -> None:
         evaluate_flow(params_path=args.params, overrides=list(args.set or ()), checkpoints=args.checkpoints,
                       shards=args.shards, reports=args.reports)
         return
-    from tasks.evaluate import evaluate
+    from tasks.evaluate.stage import evaluate
 
     cfg = load_params(args.params, "evaluate", args.set or ())
     evaluate(cfg, checkpoints=args.checkpoints, shards=args.shards, reports=args.reports, progress=not args.no_progress)

@@ -13,8 +13,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import jobs, tracking
-from tasks.params import load_params
+from flows import jobs
+
+from tasks.core import tracking
+from tasks.core.params import load_params
 
 
 @flow(name="abair-synthesize")

@@ -13,8 +13,10 @@ import logging
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import jobs, tracking
-from tasks.params import load_params
+from flows import jobs
+
+from tasks.core import tracking
+from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def register_flow(params_path: str = "params.yaml", checkpoints: str = "checkpoi
                   out: str | None = "reports/registry.json", promote: bool | None = None) -> dict:
     """Register the evaluated components (challenger), then run the gate when `promote` (default:
     register.auto_promote)."""
-    from tasks import registry
+    from tasks.registry import store as registry
 
     tracking.join_flow_pipeline_run()
     cfg = load_params(params_path, "register")
@@ -61,7 +63,7 @@ def add_degradation_flow(name: str, data: str | None = None, params_path: str = 
                          overrides: list[str] | None = None, base: str = "checkpoints", out: str | None = None,
                          shards: str = "data/shards", promote: bool = False) -> dict:
     """One new adapter + the estimator refit with K+1 outputs, evaluated and registered."""
-    from tasks import add_degradation as steps
+    from tasks.registry import add_degradation as steps
 
     steps.check_name(name, data)
     out = str(out or steps.default_out(name))

@@ -3,11 +3,11 @@ flows/registry.py so the CLI starts without importing Prefect."""
 
 from __future__ import annotations
 
-from tasks.params import load_params
+from tasks.core.params import load_params
 
 
 def cmd_register(args) -> None:
-    from tasks import registry
+    from tasks.registry import store as registry
 
     promote = None if args.promote is None else args.promote
     if args.runner == "prefect":
@@ -27,7 +27,7 @@ def cmd_register(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from tasks import registry
+    from tasks.registry import store as registry
 
     if args.runner == "prefect":
         from flows.registry import promote_flow
@@ -40,13 +40,13 @@ def cmd_promote(args) -> None:
 
 
 def cmd_rollback(args) -> None:
-    from tasks import registry
+    from tasks.registry import store as registry
 
     registry.rollback()
 
 
 def cmd_restore(args) -> None:
-    from tasks.restore import restore_files
+    from tasks.serve.restore import restore_files
 
     restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
@@ -60,14 +60,14 @@ def cmd_add_degradation(args) -> None:
         add_degradation_flow(args.name, args.data, args.params, list(args.set or ()), args.base, args.out, args.shards,
                              args.promote)
         return
-    from tasks.add_degradation import add_degradation
+    from tasks.registry.add_degradation import add_degradation
 
     add_degradation(args.name, args.params, list(args.set or ()), data=args.data, base=args.base, out=args.out,
                     shards=args.shards, promote=args.promote)
 
 
 def add_commands(sub, with_params) -> None:
-    from tasks.restore import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+    from tasks.serve.restore import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 
     def runner(p, default="local"):
         p.add_argument("--runner", choices=["local", "prefect"], default=default,

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.params import load_params
+from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ MANIFEST = "data/source_manifest.json"
 
 @task(name="source-manifest", retries=3, retry_delay_seconds=[5, 30, 120], cache_policy=NO_CACHE)
 def manifest_task(source: str, endpoint_url: str | None) -> dict:
-    from tasks.manifest import source_manifest
+    from tasks.data.manifest import source_manifest
 
     return source_manifest(source, endpoint_url)
 
@@ -77,8 +77,8 @@ def retrain_flow(source: str | None = None, profile: str | None = None, project_
     """Retrain when the clean source changed. `source` and `profile` update params.yaml first."""
     from prefect.runtime import flow_run
 
-    from tasks.manifest import read_manifest
-    from tasks.profiles import apply_profile, merge_into_params
+    from tasks.data.manifest import read_manifest
+    from tasks.core.profiles import apply_profile, merge_into_params
 
     project = Path(project_dir).resolve()
     params_path = project / "params.yaml"

@@ -10,10 +10,12 @@ import os
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import jobs, tracking
-from tasks.adapters import prune_adapters
-from tasks.errors import AbairError
-from tasks.params import load_params
+from flows import jobs
+
+from tasks.core import tracking
+from tasks.train.adapters import prune_adapters
+from tasks.core.errors import AbairError
+from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
 

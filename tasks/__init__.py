@@ -1,11 +1,11 @@
-"""The pipeline's units of work: plain functions per stage (wrapped as Prefect tasks in
-tasks/jobs.py)."""
+"""The pipeline's units of work, one room per concern (see the README's layout table):
 
-import os
+    core/      errors, params, storage, image I/O, tracking, paths, devices, component files
+    data/      sources, manifest, synthesis, shard reading, the preview sheet
+    train/     the training loop and Phases I, II, III
+    evaluate/  metrics, sets, modes, tables, plots, the stage
+    registry/  MLflow registry: store, register, the gate, add-degradation
+    serve/     inference, `abair restore`, the MLflow pyfunc
 
-# Prefect's ephemeral server (used when PREFECT_API_URL is unset) gets 20 s to start and SQLite
-# 5-10 s per lock by default: too little on a busy 2-core machine. Users' own settings win.
-for _key, _value in (("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
-                     ("PREFECT_SERVER_DATABASE_TIMEOUT", "60"),
-                     ("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "30")):
-    os.environ.setdefault(_key, _value)
+Importing this package has no side effects.
+"""

@@ -21,6 +21,12 @@ _bin = str(Path(sys.executable).parent)
 if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
+# What the CLI sets for Prefect's ephemeral server (flows.cli.PREFECT_DEFAULTS), for flows run in-process.
+from flows.cli import PREFECT_DEFAULTS  # noqa: E402
+
+for _key, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist runs one test process per core: one thread each (and in their subprocesses) instead
     # of every process fighting over every core.
@@ -112,7 +118,7 @@ def photo_folder(tmp_path, photos) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, project_params, photos) -> Path:
     """A small real shard set (3 photos, 48 px crops) shared by the training tests."""
-    from tasks.synthesize import synthesize
+    from tasks.data.synthesize import synthesize
 
     root = tmp_path_factory.mktemp("shards")
     for name in ("astronaut", "chelsea", "coffee"):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import evaluate as ev
-from tasks.errors import AbairError
+from tasks.evaluate import stage as ev
+from tasks.core.errors import AbairError
 from tests.conftest import write_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -295,7 +295,7 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
     assert json.loads(spec_file.read_text())["spec"]["degradations"] == [["noise", 0.5]]
 
     # An MLflow run of the stage holds the metrics.
-    from tasks import tracking
+    from tasks.core import tracking
 
     client = tracking.client()
     runs = client.search_runs([tracking.experiment_id(client)], filter_string="tags.`abair.stage` = 'evaluate'")

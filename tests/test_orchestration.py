@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import jobs
-from tasks.pretrain import pretrain
+from flows import jobs
+from tasks.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -93,7 +93,7 @@ def test_retrain_flow_runs_the_pipeline_then_finds_nothing_new(tmp_path, prefect
 
 def test_params_read_exponent_floats_as_dvc_does(tmp_path):
     """PyYAML (YAML 1.1) reads `8e-3` as a string; DVC and ruamel (YAML 1.2) read a number."""
-    from tasks.params import load_params
+    from tasks.core.params import load_params
 
     params = tmp_path / "params.yaml"
     params.write_text("pretrain:\n  lr: 8e-3\n  min_lr: 1.0e-5\n  steps: 100\n  loss: l1\n  betas: [0.9, 1e-3]\n")

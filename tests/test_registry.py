@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks import registry
+from tasks.registry import store as registry
 import flows.registry  # noqa: F401  prefect's log handler binds to the stderr of its import: the session's, not a test's
 from flows.cli import main
-from tasks.errors import AbairError
-from tasks.system import file_sha256
+from tasks.core.errors import AbairError
+from tasks.core.components import file_sha256
 from tests.conftest import make_components
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ GATE = {"mode": "sw", "metric": "psnr", "avg_tolerance_db": 0.0, "task_tolerance
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A registry of this module's own: a temporary SQLite file, artifacts next to it."""
-    from tasks import tracking
+    from tasks.core import tracking
 
     root = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as patch:
@@ -114,8 +114,8 @@ def test_round_trip_tags_aliases_and_idempotence(store, checkpoints):
 
 
 def test_pyfunc_loads_in_a_fresh_process_and_predicts(store, checkpoints, tmp_path):
-    from tasks.restore import restore_rgb
-    from tasks.system import load_system_dir
+    from tasks.serve.restore import restore_rgb
+    from tasks.core.components import load_system_dir
 
     registry.register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1")
     rng = np.random.default_rng(0)
@@ -138,12 +138,12 @@ oh = model.predict(a, params={{"mode": "oh"}})
 np.save("{tmp_path / 'out.npy'}", out); np.save("{tmp_path / 'out_b.npy'}", outs[1]); np.save("{tmp_path / 'oh.npy'}", oh)
 local = mlflow.pyfunc.load_model("models:/abair-restorer/1", model_config={{"max_pixels": 72 * 72, "tiling": "local"}})
 np.save("{tmp_path / 'local.npy'}", local.predict(np.load("{tmp_path / 'c.npy'}")))
-print("loaded from", sys.modules["tasks.pyfunc"].__file__)
+print("loaded from", sys.modules["tasks.serve.pyfunc"].__file__)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", script], cwd=store, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "/restorer/code/tasks/pyfunc.py" in result.stdout  # the bundled code, not this checkout
+    assert "/restorer/code/tasks/serve/pyfunc.py" in result.stdout  # the bundled code, not this checkout
     restorer = load_system_dir(checkpoints)
     for name, image in (("out", images[0]), ("out_b", images[1])):
         got = np.load(tmp_path / f"{name}.npy")
@@ -328,7 +328,7 @@ def test_add_degradation_grows_the_estimator_and_leaves_everything_else_byte_ide
                                                                                       train_params):
     """The paper's Ours* flow end to end on a tiny system, with the real evaluation."""
     from models.estimator import load_estimator
-    from tasks.add_degradation import add_degradation
+    from tasks.registry.add_degradation import add_degradation
 
     base = make_components(tmp_path / "base", seed=3)
     base_hashes = {p.relative_to(base).as_posix(): file_sha256(p) for p in base.rglob("*.safetensors")}

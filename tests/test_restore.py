@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import restore
+from tasks.serve import restore
 import flows.registry  # noqa: F401  prefect's log handler binds to the stderr of its import: the session's, not a test's
 from flows.cli import main
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 from tests.conftest import make_components
 
 
@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def restorer(model_dir):
-    from tasks.system import load_system_dir
+    from tasks.core.components import load_system_dir
 
     return load_system_dir(model_dir)
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks import data, storage
-from tasks.errors import AbairError
-from tasks.pretrain import pretrain
-from tasks.synthesize import synthesize
+from tasks.data import reader
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
+from tasks.train.pretrain import pretrain
+from tasks.data.synthesize import synthesize
 
 
 def upload_folder(client, bucket: str, folder: Path, prefix: str) -> None:
@@ -29,7 +31,7 @@ def test_training_reads_shards_straight_from_s3(tmp_path, s3_endpoint, s3_bucket
     upload_folder(client, bucket, tiny_shards, "shards")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     uri = f"s3://{bucket}/shards"
-    assert data.load_index(uri) == json.loads((tiny_shards / "index.json").read_text())
+    assert reader.load_index(uri) == json.loads((tiny_shards / "index.json").read_text())
     remote = pretrain({**train_params["pretrain"], "steps": 6}, shards=uri, out=str(tmp_path / "s3.safetensors"),
                       state_path=str(tmp_path / "s3.pt"), reports=str(tmp_path / "r1"), progress=False)
     local = pretrain({**train_params["pretrain"], "steps": 6}, shards=str(tiny_shards), out=str(tmp_path / "local.safetensors"),
@@ -52,14 +54,14 @@ def corrupt_copy(src: Path, dest: Path) -> Path:
 
 def test_a_corrupt_shard_is_skipped_and_counted_or_a_clear_error(tmp_path, tiny_shards):
     bad = corrupt_copy(tiny_shards, tmp_path / "shards")
-    urls = data.shard_urls(str(tmp_path / "shards"), "train")
+    urls = reader.shard_urls(str(tmp_path / "shards"), "train")
     identity = lambda sample, rng: sample["key"]  # noqa: E731
 
-    strict = data.ShardStream(urls, identity, seed=0, on_error="raise")
+    strict = reader.ShardStream(urls, identity, seed=0, on_error="raise")
     with pytest.raises(AbairError, match=bad.name):
         for _ in zip(strict, range(200)):
             pass
-    lenient = data.ShardStream(urls, identity, seed=0, on_error="skip")
+    lenient = reader.ShardStream(urls, identity, seed=0, on_error="skip")
     keys = [key for key, _ in zip(lenient, range(100))]
     assert len(keys) == 100 and lenient.errors >= 1
 
@@ -137,7 +139,7 @@ def test_mlflow_server_keeps_registered_models_on_s3(tmp_path, s3_endpoint, s3_b
     import time
     import urllib.request
 
-    from tasks import registry
+    from tasks.registry import store as registry
     from tests.conftest import make_components
 
     client, bucket = s3_bucket

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import imageio
-from tasks.errors import AbairError
-from tasks.sources import Source, list_sources, split_sources
-from tasks.synthesize import synthesize
+from tasks.core import imageio
+from tasks.core.errors import AbairError
+from tasks.data.sources import Source, list_sources, split_sources
+from tasks.data.synthesize import synthesize
 from tests.conftest import write_png
 
 MEMBERS = {"clean.png", "degraded.png", "mask.png", "json"}
@@ -205,7 +205,7 @@ def test_synthesize_from_and_to_s3(tmp_path, s3_endpoint, s3_bucket, photos, syn
 def test_source_manifest_changes_with_content_only(tmp_path, photo_folder, photos):
     import os
 
-    from tasks.manifest import source_manifest, write_manifest
+    from tasks.data.manifest import source_manifest, write_manifest
 
     first = source_manifest(str(photo_folder))
     assert len(first["files"]) == 4

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import data, training
-from tasks.adapters import PairedPatch, SyntheticPatch, job_config, train_adapter
-from tasks.errors import AbairError
-from tasks.estimator import EstimatorSample, adapter_sources, soft_cross_entropy, train_estimator
-from tasks.pretrain import PretrainSample, pretrain, pretrain_loss
+from tasks.data import reader
+
+from tasks.train import loop
+from tasks.train.adapters import PairedPatch, SyntheticPatch, job_config, train_adapter
+from tasks.core.errors import AbairError
+from tasks.train.estimator import EstimatorSample, adapter_sources, soft_cross_entropy, train_estimator
+from tasks.train.pretrain import PretrainSample, pretrain, pretrain_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixed_batch(shards: Path, transform, size: int) -> list:
-    stream = data.ShardStream(data.shard_urls(str(shards), "train"), transform, seed=0, shuffle_buffer=4)
+    stream = reader.ShardStream(reader.shard_urls(str(shards), "train"), transform, seed=0, shuffle_buffer=4)
     items = []
     for item in stream:
         items.append(item)
@@ -60,7 +62,7 @@ def test_phase1_overfits_a_fixed_batch(tiny_shards, train_params):
     from models.backbone import build_backbone
 
     torch.manual_seed(0)
-    index = data.load_index(str(tiny_shards))
+    index = reader.load_index(str(tiny_shards))
     degraded, clean, bits = fixed_batch(tiny_shards, PretrainSample(32, len(index["classes"])), 4)
     model = build_backbone("tiny", seg_classes=len(index["classes"]))
     first, last = overfit(model.parameters(), lambda: pretrain_loss(model, degraded, clean, bits, train_params["pretrain"])[0],
@@ -83,7 +85,7 @@ def test_phase2_overfits_and_trains_only_the_adapter(tiny_shards):
 
     def loss():
         with bank.weights(ones):
-            return training.restoration_loss(backbone(degraded), clean)
+            return loop.restoration_loss(backbone(degraded), clean)
 
     first, last = overfit(bank.parameters_of("haze"), loss, steps=60, lr=1e-2)
     assert last < 0.5 * first, (first, last)
@@ -95,7 +97,7 @@ def test_phase3_overfits_a_fixed_batch(tiny_shards):
     from models.estimator import Estimator
 
     torch.manual_seed(0)
-    index = data.load_index(str(tiny_shards))
+    index = reader.load_index(str(tiny_shards))
     sources = [{"name": n, "data": None, "severity": [0.5, 1.0], "sha256": ""} for n in ("noise", "haze", "blur")]
     degraded, _, target = fixed_batch(tiny_shards, EstimatorSample(sources, index["classes"], 0.5, 48), 8)
     assert torch.allclose(target.sum(1), torch.ones(8))
@@ -239,7 +241,7 @@ def test_two_process_gloo_ddp_keeps_replicas_in_sync(tmp_path, tiny_shards, trai
 
 
 def test_warmup_cosine_schedule():
-    lrs = [training.warmup_cosine(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    lrs = [loop.warmup_cosine(s, 100, 10, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
 DEFAULT_PARAMS = "params.yaml"
 

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import data, training
-from tasks.errors import AbairError
-from tasks.params import params_hash
-from tasks.system import adapter_files, file_sha256, load_bank
+from tasks.data import reader
+
+from tasks.train import loop
+from tasks.core.device import pick_device
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
+from tasks.core.components import adapter_files, file_sha256, load_bank
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +50,18 @@ class EstimatorSample:
         self.names = [s["name"] for s in sources]
         # bit i of the shard mask -> adapter column (or -1 when no adapter handles that class)
         self.column_of_bit = [self.names.index(c) if c in self.names else -1 for c in shard_classes]
-        self._folders: dict[str, data.PairedFolder] = {}
+        self._folders: dict[str, reader.PairedFolder] = {}
         self._pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def _paired(self, source: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         folder = self._folders.get(source["name"])
         if folder is None:
-            folder = self._folders[source["name"]] = data.PairedFolder(source["data"], check=False)
+            folder = self._folders[source["name"]] = reader.PairedFolder(source["data"], check=False)
         pair_name = folder.names[int(rng.integers(0, len(folder)))]
         key = (source["name"], pair_name)
         if key not in self._pairs:
             self._pairs[key] = folder.load(pair_name)
-        degraded, clean = data.random_patch(list(self._pairs[key]), self.crop, rng)
+        degraded, clean = reader.random_patch(list(self._pairs[key]), self.crop, rng)
         return degraded.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0
 
     def __call__(self, sample: dict, rng: np.random.Generator):
@@ -84,7 +87,7 @@ class EstimatorSample:
                 return None  # clean, or only degradations no adapter handles
             target /= target.sum()
             degraded, clean = sample["degraded"], sample["clean"]
-        return data.to_tensor(degraded), data.to_tensor(clean), torch.from_numpy(target)
+        return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,11 +103,11 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
     names = [s["name"] for s in sources]
     confusion = np.zeros((len(names), len(names)), np.int64)
     cleans = [sample["clean"].astype(np.float32) / 255.0 for sample, _ in
-              zip(data.read_split(data.shard_urls(shards, "val", index)), range(per_class))]
+              zip(reader.read_split(reader.shard_urls(shards, "val", index)), range(per_class))]
     estimator.eval()
     for k, source in enumerate(sources):
         if source["data"]:
-            folder = data.PairedFolder(source["data"], check=False)
+            folder = reader.PairedFolder(source["data"], check=False)
             held_out = folder.names[::10][:per_class]
             crop = index["crop_size"]
             inputs = [folder.load(n)[0][:crop, :crop].astype(np.float32) / 255.0 for n in held_out]
@@ -115,7 +118,7 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
                       for i, c in enumerate(cleans)]
         if not inputs:
             continue
-        batch = torch.stack([data.to_tensor(x) for x in inputs]).to(device)
+        batch = torch.stack([reader.to_tensor(x) for x in inputs]).to(device)
         predicted = estimator(batch).argmax(1).cpu().numpy()
         for p in predicted:
             confusion[k, p] += 1
@@ -136,8 +139,8 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
     from models.backbone import fingerprint, load_backbone
     from models.estimator import Estimator, save_estimator
 
-    device = training.pick_device(cfg.get("device", "auto"))
-    index = data.load_index(shards)
+    device = pick_device(cfg.get("device", "auto"))
+    index = reader.load_index(shards)
     files = adapter_files(adapters_dir)
     sources = adapter_sources(files)
     start = None
@@ -153,35 +156,35 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
     inputs_hash = params_hash({"params": {k: v for k, v in cfg.items() if k not in RUNTIME_KNOBS},
                                "adapters": [s["sha256"] for s in sources], "shards": index["params_hash"],
                                **({"init": file_sha256(init)} if init is not None else {})})
-    training.seed_everything(cfg["seed"])
+    loop.seed_everything(cfg["seed"])
     if start is not None:
         estimator = start.to(device)
     else:
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
                               view_size=cfg["view_size"], random_crops=True, class_names=names).to(device)
-    stream = data.ShardStream(data.shard_urls(shards, "train", index),
+    stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
                               EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"]),
                               seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
-    loader = data.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
+    loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     with tracking.start_run("estimator", tags={"abair.stage": "estimator", "abair.inputs_hash": inputs_hash}) as run:
         run.log_params({**cfg, "adapters": names})
         reports_dir = Path(reports)
-        steplog = training.StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
+        steplog = loop.StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
 
         def classify(batch):
             degraded, _, target = (t.to(device) for t in batch)
             return soft_cross_entropy(estimator(degraded), target), {}
 
         estimator.train()
-        losses = training.fit(classify, list(estimator.parameters()), cfg, loader.batches(0, cfg["steps"]), cfg["steps"],
+        losses = loop.fit(classify, list(estimator.parameters()), cfg, loader.batches(0, cfg["steps"]), cfg["steps"],
                               device, steplog, desc="estimator", progress=progress)
         summary = {"steps": cfg["steps"], "final_loss": float(np.mean(losses[-10:]))}
 
         sw_steps = int(cfg.get("sw_steps", 0))
-        sw_log = training.StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
+        sw_log = loop.StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
         if sw_steps > 0:
             # Tune through the restoration itself: the estimator learns which blend restores best.
             backbone = load_backbone(backbone_path)
@@ -201,11 +204,11 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
                 bank_weights[:, columns] = weights
                 with bank.weights(bank_weights):
                     restored = backbone(degraded)
-                return training.restoration_loss(restored.float(), clean), {}
+                return loop.restoration_loss(restored.float(), clean), {}
 
-            sw_loader = data.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
+            sw_loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
             stream.seed = cfg["seed"] + 1
-            sw_losses = training.fit(blended, list(estimator.parameters()), sw_cfg, sw_loader.batches(0, sw_steps), sw_steps,
+            sw_losses = loop.fit(blended, list(estimator.parameters()), sw_cfg, sw_loader.batches(0, sw_steps), sw_steps,
                                      device, sw_log, desc="estimator sw", progress=progress)
             if fingerprint(backbone) != backbone_fp:
                 raise AbairError(backbone_path, "the backbone changed during the SW step (it must stay frozen)")
@@ -218,11 +221,11 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
                                                        "adapter_sha256": [s["sha256"] for s in sources],
                                                        "val_accuracy": f"{val['accuracy']:.4f}", "temperature": str(cfg["temperature"])})
         reports_dir.mkdir(parents=True, exist_ok=True)
-        from tasks.storage import atomic_path
+        from tasks.core.storage import atomic_path
 
         with atomic_path(reports_dir / "estimator.json") as tmp:
             tmp.write_text(json.dumps({**summary, "confusion": val["confusion"], "names": names}, indent=2))
-        curves = training.plot_curves(steplog.read(), ["loss", "lr"], reports_dir / "estimator_curves.png", "Phase III estimator")
+        curves = loop.plot_curves(steplog.read(), ["loss", "lr"], reports_dir / "estimator_curves.png", "Phase III estimator")
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, cfg["steps"])
         run.log_artifact(out)
         run.log_artifact(curves)

@@ -12,8 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks import imageio, storage
-from tasks.sources import SAMPLES, list_sources
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.data.sources import SAMPLES, list_sources
 
 
 def _content_version(uri: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
 # Exit status of `abair` for bad input: retrying cannot help.
 BAD_INPUT = 2
@@ -41,7 +41,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 @task(name="synthesize", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def synthesize_task(cfg: dict, source: str | None = None, out: str | None = None) -> dict:
-    from tasks.synthesize import synthesize
+    from tasks.data.synthesize import synthesize
 
     return synthesize(cfg, source=source, out=out, progress=False)
 
@@ -50,7 +50,7 @@ def synthesize_task(cfg: dict, source: str | None = None, out: str | None = None
       retry_condition_fn=_retry_unless_bad_input)
 def pretrain_task(cfg: dict, shards: str, out: str, state_path: str, reports: str) -> dict:
     # A retry resumes from the last checkpoint (resume="auto"), it does not start over.
-    from tasks.pretrain import pretrain
+    from tasks.train.pretrain import pretrain
 
     summary = pretrain(cfg, shards=shards, out=out, state_path=state_path, reports=reports, resume="auto", progress=False)
     return {k: v for k, v in summary.items() if k != "losses"}
@@ -85,7 +85,7 @@ def adapter_job(name: str, params_path: str, overrides: list[str], backbone: str
 @task(name="estimator", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out: str, reports: str) -> dict:
-    from tasks.estimator import train_estimator
+    from tasks.train.estimator import train_estimator
 
     return train_estimator(cfg, backbone_path=backbone, adapters_dir=adapters_dir, shards=shards, out=out,
                            reports=reports, progress=False)
@@ -98,7 +98,7 @@ def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def register_task(params_path: str, checkpoints: str, metrics_path: str, shards: str) -> dict:
-    from tasks.registry import register_evaluated
+    from tasks.registry.store import register_evaluated
 
     return register_evaluated(params_path, checkpoints, metrics_path, shards)
 
@@ -106,7 +106,7 @@ def register_task(params_path: str, checkpoints: str, metrics_path: str, shards:
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def promote_task(gate: dict, eval_cfg: dict, shards: str, challenger: str | None, dry_run: bool) -> dict:
-    from tasks.registry import promote
+    from tasks.registry.store import promote
 
     return promote(gate, eval_cfg=eval_cfg, shards=shards, challenger=challenger, dry_run=dry_run)
 
@@ -114,7 +114,7 @@ def promote_task(gate: dict, eval_cfg: dict, shards: str, challenger: str | None
 @task(name="add-degradation-prepare", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def prepare_degradation_task(name: str, base: str, stage: str) -> dict:
-    from tasks.add_degradation import prepare
+    from tasks.registry.add_degradation import prepare
 
     return prepare(name, base, stage)
 
@@ -122,7 +122,7 @@ def prepare_degradation_task(name: str, base: str, stage: str) -> dict:
 @task(name="add-degradation-adapter", task_run_name="adapter-{name}", retries=1, retry_delay_seconds=10,
       cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
 def new_adapter_task(params: dict, name: str, stage: str, shards: str, reports: str) -> dict:
-    from tasks.add_degradation import train_new_adapter
+    from tasks.registry.add_degradation import train_new_adapter
 
     return train_new_adapter(params, name, stage, shards, reports, progress=False)
 
@@ -130,14 +130,14 @@ def new_adapter_task(params: dict, name: str, stage: str, shards: str, reports: 
 @task(name="add-degradation-estimator", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def refit_estimator_task(params: dict, stage: str, shards: str, reports: str) -> dict:
-    from tasks.add_degradation import refit_estimator
+    from tasks.registry.add_degradation import refit_estimator
 
     return refit_estimator(params, stage, shards, reports, progress=False)
 
 
 @task(name="add-degradation-check", cache_policy=NO_CACHE)
 def check_unchanged_task(stage: str, hashes: dict) -> dict:
-    from tasks.add_degradation import check_unchanged
+    from tasks.registry.add_degradation import check_unchanged
 
     return check_unchanged(stage, hashes)
 
@@ -146,7 +146,7 @@ def check_unchanged_task(stage: str, hashes: dict) -> dict:
       retry_condition_fn=_retry_unless_bad_input)
 def evaluate_candidate_task(cfg: dict, checkpoints: str, shards: str) -> dict:
     """Evaluate a folder of components without touching reports/ (the DVC stage's outputs)."""
-    from tasks.evaluate import evaluate
+    from tasks.evaluate.stage import evaluate
 
     return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=None, progress=False)
 
@@ -157,7 +157,9 @@ def publish_degradation_task(name: str, params: dict, stage: str, out: str, metr
                              prepared: dict, adapter: dict, estimator: dict, unchanged: dict, promote: bool) -> dict:
     from pathlib import Path
 
-    from tasks import add_degradation, registry
+    from tasks.registry import add_degradation
+
+    from tasks.registry import store as registry
 
     if Path(stage).exists():  # a retry after the rename finds `out` already in place
         add_degradation.publish(stage, out)
@@ -168,6 +170,6 @@ def publish_degradation_task(name: str, params: dict, stage: str, out: str, metr
 @task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def evaluate_task(cfg: dict, checkpoints: str, shards: str, reports: str | None) -> dict:
-    from tasks.evaluate import evaluate
+    from tasks.evaluate.stage import evaluate
 
     return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=reports, progress=False)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tasks import imageio
-from tasks.sources import Source, load_source
+from tasks.core import imageio
+from tasks.data.sources import Source, load_source
 
 SEVERITIES = (0.33, 0.66, 1.0)
 # Distinct colours (RGB) for up to 8 mask bits.

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import imageio, storage
-from tasks.errors import AbairError
-from tasks.params import params_hash
-from tasks.sources import Source, SourceSkip, list_sources, load_source, split_sources
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
+from tasks.data.sources import Source, SourceSkip, list_sources, load_source, split_sources
 
 log = logging.getLogger(__name__)
 

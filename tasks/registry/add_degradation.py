@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from tasks.errors import AbairError
-from tasks.params import apply_overrides, load_params, params_hash
-from tasks.system import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
+from tasks.core.errors import AbairError
+from tasks.core.params import apply_overrides, load_params, params_hash
+from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ def prepare(name: str, base: str, stage: str | Path) -> dict:
     """Stage the base's backbone and adapters, and the base estimator grown to K+1 outputs.
     Returns the sha256 of every staged base file (what `check` compares against)."""
     from models.estimator import load_estimator, save_estimator
-    from tasks.registry import components_dir
+    from tasks.registry.store import components_dir
 
     stage = Path(stage)
     shutil.rmtree(stage, ignore_errors=True)
     (stage / ADAPTER_DIR).mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="abair-base-") as tmp:
         if base.startswith("models:/"):
-            from tasks import registry
+            from tasks.registry import store as registry
 
             version = registry.resolve(base)
             if version.name != registry.RESTORER:
@@ -109,7 +109,7 @@ def prepare(name: str, base: str, stage: str | Path) -> dict:
 
 def train_new_adapter(params: dict, name: str, stage: str | Path, shards: str, reports: str,
                       progress: bool = True) -> dict:
-    from tasks.adapters import train_adapter
+    from tasks.train.adapters import train_adapter
 
     stage = Path(stage)
     summary = train_adapter(params["adapters"], name, backbone_path=str(stage / BACKBONE_FILE), shards=shards,
@@ -119,7 +119,7 @@ def train_new_adapter(params: dict, name: str, stage: str | Path, shards: str, r
 
 
 def refit_estimator(params: dict, stage: str | Path, shards: str, reports: str, progress: bool = True) -> dict:
-    from tasks.estimator import train_estimator
+    from tasks.train.estimator import train_estimator
 
     stage = Path(stage)
     summary = train_estimator(params["estimator"], backbone_path=str(stage / BACKBONE_FILE),
@@ -140,7 +140,7 @@ def check_unchanged(stage: str | Path, hashes: dict[str, str]) -> dict:
 
 def publish(stage: str | Path, out: str | Path) -> Path:
     """The staging folder becomes `out` in one rename (an older `out` is replaced whole)."""
-    from tasks.storage import atomic_dir
+    from tasks.core.storage import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -155,7 +155,7 @@ def add_degradation(name: str, params_path: str = "params.yaml", overrides: list
                     promote: bool = False, evaluator=None, progress: bool = True,
                     echo: Callable[[str], None] = print) -> dict:
     """The whole flow as plain calls (the Prefect flow runs the same steps as tasks)."""
-    from tasks import registry
+    from tasks.registry import store as registry
 
     check_name(name, data)
     out = Path(out or default_out(name))
@@ -180,8 +180,8 @@ def add_degradation(name: str, params_path: str = "params.yaml", overrides: list
 def finish(name: str, params: dict, out: Path, metrics: dict, shards: str, reports: str, prepared: dict, adapter: dict,
            estimator: dict, unchanged: dict, register: bool, promote: bool, evaluator, echo) -> dict:
     """Write the report, register and (optionally) run the gate."""
-    from tasks import registry
-    from tasks.storage import atomic_path
+    from tasks.registry import store as registry
+    from tasks.core.storage import atomic_path
 
     result = {"name": name, "out": str(out), "base": prepared["base"], "outputs": prepared["outputs_before"] + 1,
               "adapter": adapter, "estimator": estimator, "unchanged": unchanged["unchanged"], "metrics": metrics}

@@ -20,10 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import data, training
-from tasks.errors import AbairError
-from tasks.params import params_hash
-from tasks.storage import atomic_path
+from tasks.data import reader
+
+from tasks.train import loop
+from tasks.core.device import pick_device
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
+from tasks.core.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +41,20 @@ class PretrainSample:
         self.patch, self.n_classes = patch, n_classes
 
     def __call__(self, sample: dict, rng: np.random.Generator):
-        degraded, clean, mask = data.random_patch([sample["degraded"], sample["clean"], sample["mask"]], self.patch, rng)
+        degraded, clean, mask = reader.random_patch([sample["degraded"], sample["clean"], sample["mask"]], self.patch, rng)
         bits = np.unpackbits(mask[:, :, None], axis=2, bitorder="little")[:, :, :self.n_classes]
-        return data.to_tensor(degraded), data.to_tensor(clean), torch.from_numpy(bits.transpose(2, 0, 1).astype(np.float32))
+        return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(bits.transpose(2, 0, 1).astype(np.float32))
 
 
 def pretrain_loss(model, degraded: torch.Tensor, clean: torch.Tensor, bits: torch.Tensor, cfg: dict):
     """Restoration loss + seg_weight x multi-label BCE on the per-pixel class bits."""
     restored, seg_logits = model(degraded, with_seg=True)
-    restore_loss = training.restoration_loss(restored.float(), clean, cfg.get("loss", "l1"))
+    restore_loss = loop.restoration_loss(restored.float(), clean, cfg.get("loss", "l1"))
     seg_loss = F.binary_cross_entropy_with_logits(seg_logits.float(), bits)
     return restore_loss + cfg["seg_weight"] * seg_loss, restore_loss, seg_loss
 
 
-def check_replicas(model: torch.nn.Module, dist: training.Dist) -> list[str]:
+def check_replicas(model: torch.nn.Module, dist: loop.Dist) -> list[str]:
     """Every rank's weight fingerprint; DDP replicas that drifted apart are an error."""
     from models.backbone import fingerprint
 
@@ -76,17 +79,17 @@ def validate(model: torch.nn.Module, urls: list[str], device: torch.device, batc
     batch: list[dict] = []
 
     def flush():
-        degraded = torch.stack([data.to_tensor(s["degraded"]) for s in batch]).to(device)
-        clean = torch.stack([data.to_tensor(s["clean"]) for s in batch]).to(device)
+        degraded = torch.stack([reader.to_tensor(s["degraded"]) for s in batch]).to(device)
+        clean = torch.stack([reader.to_tensor(s["clean"]) for s in batch]).to(device)
         restored = model(degraded).float().clamp(0, 1)
-        psnr_in.append(training.psnr(degraded, clean).cpu())
-        psnr_out.append(training.psnr(restored, clean).cpu())
+        psnr_in.append(loop.psnr(degraded, clean).cpu())
+        psnr_out.append(loop.psnr(restored, clean).cpu())
         for i in range(min(len(batch), keep - len(examples))):
-            examples.append([data.to_numpy(degraded[i]), data.to_numpy(restored[i]), data.to_numpy(clean[i])])
+            examples.append([reader.to_numpy(degraded[i]), reader.to_numpy(restored[i]), reader.to_numpy(clean[i])])
         batch.clear()
 
     count = 0
-    for sample in data.read_split(urls):
+    for sample in reader.read_split(urls):
         if not sample["mask"].any():
             continue  # clean samples say nothing about restoration
         batch.append(sample)
@@ -114,11 +117,11 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
 
     from models.backbone import build_backbone, save_backbone
 
-    dist = training.init_distributed(cfg.get("device", "auto"))
-    device = training.pick_device(cfg.get("device", "auto"), dist.local_rank)
-    index = data.load_index(shards)
+    dist = loop.init_distributed(cfg.get("device", "auto"))
+    device = pick_device(cfg.get("device", "auto"), dist.local_rank)
+    index = reader.load_index(shards)
     classes = index["classes"]
-    train_urls = data.shard_urls(shards, "train", index)
+    train_urls = reader.shard_urls(shards, "train", index)
     if index["crop_size"] < cfg["patch"]:
         raise AbairError(f"{shards}/index.json", f"crops are {index['crop_size']} px, smaller than pretrain.patch {cfg['patch']}")
     inputs_hash = params_hash({"params": {k: v for k, v in cfg.items() if k not in RUNTIME_KNOBS},
@@ -126,24 +129,24 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
     total_steps = int(cfg["steps"])
     segment_steps = int(cfg.get("segment_steps") or cfg["checkpoint_every"])
 
-    training.seed_everything(cfg["seed"])
+    loop.seed_everything(cfg["seed"])
     model_cfg = cfg["model"]
     model = build_backbone(model_cfg["size"], seg_classes=len(classes), prompt=model_cfg.get("prompt", False),
                            **model_cfg.get("overrides", {})).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = training.make_optimizer(model.parameters(), cfg, device)
-    ema = training.EMA(model, cfg["ema_decay"])
+    optimizer = loop.make_optimizer(model.parameters(), cfg, device)
+    ema = loop.EMA(model, cfg["ema_decay"])
     start_step, losses = 0, []
 
     state_file = Path(state_path)
     if resume != "never" and state_file.exists():
-        state = training.load_state(state_file)
+        state = loop.load_state(state_file)
         if state.get("inputs_hash") == inputs_hash or resume == "always":
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             ema.load_state_dict(state["ema"])
-            training.set_rng_state(state["rng"])
+            loop.set_rng_state(state["rng"])
             start_step, losses = state["step"], state["losses"]
             log.info("pretrain: resuming at step %d of %d from %s", start_step, total_steps, state_file)
         else:
@@ -157,33 +160,33 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
     if cfg.get("compile"):
         train_model = torch.compile(train_model)
 
-    stream = data.ShardStream(train_urls, PretrainSample(cfg["patch"], len(classes)), seed=cfg["seed"],
+    stream = reader.ShardStream(train_urls, PretrainSample(cfg["patch"], len(classes)), seed=cfg["seed"],
                               shuffle_buffer=cfg.get("shuffle_buffer", 256), on_error=cfg.get("on_corrupt", "raise"))
-    loader = data.SegmentedLoader(stream, cfg["batch"], segment_steps, workers=cfg.get("workers", 0))
+    loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps, workers=cfg.get("workers", 0))
 
     run = None
     if dist.main:
-        from tasks import tracking
+        from tasks.core import tracking
 
         run = tracking.start_run("pretrain", tags={"abair.stage": "pretrain", "abair.inputs_hash": inputs_hash})
         run.log_params({**cfg, "classes": classes, "shards": shards, "world_size": dist.world,
                         "effective_batch": cfg["batch"] * dist.world, "device": str(device)})
     reports_dir = Path(reports)
-    steplog = training.StepLog(reports_dir / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
+    steplog = loop.StepLog(reports_dir / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
                                resume_step=start_step) if dist.main else None
 
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not (progress and dist.main))
     last_time, interrupted = time.perf_counter(), False
     try:
-        with training.StopSignal() as stop:
+        with loop.StopSignal() as stop:
             for step, (degraded, clean, bits) in loader.batches(start_step, total_steps):
                 degraded, clean, bits = (t.to(device, non_blocking=True) for t in (degraded, clean, bits))
                 if device.type == "cuda":
                     degraded = degraded.contiguous(memory_format=torch.channels_last)
-                lr = training.warmup_cosine(step, total_steps, cfg["warmup_steps"], cfg["lr"], cfg["min_lr"])
-                training.set_lr(optimizer, lr)
-                with training.autocast(device, cfg.get("amp", "auto")):
+                lr = loop.warmup_cosine(step, total_steps, cfg["warmup_steps"], cfg["lr"], cfg["min_lr"])
+                loop.set_lr(optimizer, lr)
+                with loop.autocast(device, cfg.get("amp", "auto")):
                     loss, restore_loss, seg_loss = pretrain_loss(train_model, degraded, clean, bits, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -206,8 +209,8 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
                 bar.update(1)
                 stopping = stop.requested or (stop_after is not None and done >= stop_after)
                 if dist.main and (done % cfg["checkpoint_every"] == 0 or stopping) and done < total_steps:
-                    training.save_state(state_file, {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                     "ema": ema.state_dict(), "rng": training.rng_state(),
+                    loop.save_state(state_file, {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                     "ema": ema.state_dict(), "rng": loop.rng_state(),
                                                      "losses": losses, "inputs_hash": inputs_hash})
                 if stopping and done < total_steps:
                     interrupted = True
@@ -224,7 +227,7 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
         if run is not None:
             run.set_tags({"abair.interrupted_at": len(losses)})
             run.end("KILLED")
-        training.close_distributed()
+        loop.close_distributed()
         return {"interrupted": True, "step": len(losses), "losses": losses}
 
     summary = {"steps": total_steps, "final_loss": float(np.mean(losses[-20:])), "losses": losses,
@@ -232,7 +235,7 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
     if dist.main:
         ema_model = copy.deepcopy(model)
         ema.copy_to(ema_model)
-        val = validate(ema_model, data.shard_urls(shards, "val", index), device, keep=6) if index["splits"]["val"]["samples"] else {}
+        val = validate(ema_model, reader.shard_urls(shards, "val", index), device, keep=6) if index["splits"]["val"]["samples"] else {}
         examples = val.pop("examples", [])
         summary.update(val)
         ema_model = ema_model.to("cpu").float()
@@ -243,11 +246,11 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
         metrics = {k: v for k, v in summary.items() if k != "losses"}
         with atomic_path(reports_dir / "pretrain.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
-        curves = training.plot_curves(steplog.read(), ["loss", "restore", "seg", "lr"], reports_dir / "pretrain_curves.png",
+        curves = loop.plot_curves(steplog.read(), ["loss", "restore", "seg", "lr"], reports_dir / "pretrain_curves.png",
                                       f"Phase I ({model_cfg['size']}, {total_steps} steps)")
         artifacts = [curves, Path(out)]
         if examples:
-            artifacts.append(training.sample_grid(examples, reports_dir / "pretrain_samples.png", ["degraded", "restored", "clean"]))
+            artifacts.append(loop.sample_grid(examples, reports_dir / "pretrain_samples.png", ["degraded", "restored", "clean"]))
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, total_steps)
         for artifact in artifacts:
             run.log_artifact(artifact)
@@ -256,5 +259,5 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
         log.info("pretrain: %d steps, val PSNR %.2f dB -> %.2f dB (%+.2f dB); backbone -> %s", total_steps,
                  val.get("val_psnr_input", float("nan")), val.get("val_psnr_restored", float("nan")),
                  val.get("val_psnr_gain", float("nan")), out)
-    training.close_distributed()
+    loop.close_distributed()
     return summary

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks import imageio, storage
-from tasks.errors import AbairError
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
 
 SAMPLES = "samples"
 # scikit-image's bundled colour photographs (no download needed). Synthetic charts and the

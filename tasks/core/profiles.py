@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.errors import AbairError
-from tasks.params import parse_yaml
-from tasks.storage import atomic_path
+from tasks.core.errors import AbairError
+from tasks.core.params import parse_yaml
+from tasks.core.storage import atomic_path
 
 PROFILE_DIR = Path("profiles")
 

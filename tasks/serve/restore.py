@@ -25,8 +25,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks import imageio, storage
-from tasks.errors import AbairError
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,12 @@ MIN_SIDE = 2
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     """(Restorer, description) from a registry reference or a local folder."""
-    from tasks.system import load_system_dir
-    from tasks.training import pick_device
+    from tasks.core.components import load_system_dir
+    from tasks.core.device import pick_device
 
     torch_device = pick_device(device, where="--device")
     if spec.startswith("models:/"):
-        from tasks import registry
+        from tasks.registry import store as registry
 
         version = registry.resolve(spec)
         if version.name != registry.RESTORER:
@@ -61,7 +63,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     path = Path(spec)
     if not path.exists():
         raise AbairError(spec, "no such model folder (and not a models:/ URI)")
-    from tasks.registry import components_dir
+    from tasks.registry.store import components_dir
 
     return load_system_dir(components_dir(path), torch_device), str(path)
 

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from tasks import imageio, storage
-from tasks.errors import AbairError
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
 BACKBONE_FILE = "backbone.safetensors"
 ADAPTER_DIR = "adapters"

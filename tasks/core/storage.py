@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
 S3_PREFIX = "s3://"
 MULTIPART_THRESHOLD = 16 * 1024 * 1024

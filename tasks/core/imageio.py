@@ -10,8 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks import storage
-from tasks.errors import AbairError
+from tasks.core import storage
+from tasks.core.errors import AbairError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

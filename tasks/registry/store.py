@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from tasks import tracking
-from tasks.errors import AbairError
-from tasks.params import params_hash
+from tasks.core import tracking
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def download_components(version, dst: str | Path, client=None) -> Path:
 def components_dir(model_dir: str | Path) -> Path:
     """The checkpoints-layout folder of a model: itself when it is one, else the pyfunc model's
     artifacts folder (where the component files were stored by name)."""
-    from tasks.system import BACKBONE_FILE
+    from tasks.core.components import BACKBONE_FILE
 
     model_dir = Path(model_dir)
     if (model_dir / BACKBONE_FILE).is_file():
@@ -196,7 +196,7 @@ class Component:
 def components(checkpoints: str | Path) -> list[Component]:
     """The component files of a checkpoints folder, with their registry names and hashes."""
     from models.adapters import read_adapter_metadata
-    from tasks.system import BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
+    from tasks.core.components import BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
 
     folder = Path(checkpoints)
     for required in (BACKBONE_FILE, ESTIMATOR_FILE):
@@ -235,10 +235,10 @@ def training_params_hash(params: Mapping[str, Any]) -> str:
 def data_fingerprint(shards: str, checkpoints: str | Path) -> str:
     """The shard set's hash plus each adapter's data source (a paired folder or synthetic)."""
     from models.adapters import read_adapter_metadata
-    from tasks import data
-    from tasks.system import adapter_files
+    from tasks.data import reader
+    from tasks.core.components import adapter_files
 
-    index = data.load_index(shards)
+    index = reader.load_index(shards)
     sources = {p.stem: read_adapter_metadata(p).get("data", "") for p in adapter_files(Path(checkpoints) / "adapters")}
     return params_hash({"shards": index["params_hash"], "adapters": sources})
 
@@ -314,7 +314,7 @@ def register(checkpoints: str | Path = "checkpoints", metrics: Mapping[str, Any]
     the metrics came from. Content already registered (same files, same params) is not registered
     again: its existing versions are returned (`created` False) and get the `challenger` alias.
     """
-    from tasks.pyfunc import save_restorer
+    from tasks.serve.pyfunc import save_restorer
 
     metrics = numeric_metrics(metrics or {})
     parts = components(checkpoints)
@@ -531,7 +531,7 @@ class Evaluator:
     @staticmethod
     def _module():
         try:
-            from tasks import evaluate
+            from tasks.evaluate import stage as evaluate
         except ImportError as exc:
             raise AbairError("tasks/evaluate.py", f"evaluation is not available ({exc})") from None
         return evaluate
@@ -653,7 +653,7 @@ def register_evaluated(params_path: str = "params.yaml", checkpoints: str = "che
                        metrics_path: str = "reports/metrics.json", shards: str = "data/shards",
                        evaluator: Evaluator | None = None, echo: Callable[[str], None] = print) -> dict:
     """Register what the pipeline built, with the metrics the `evaluate` stage wrote."""
-    from tasks.params import load_params
+    from tasks.core.params import load_params
 
     params = load_params(params_path)
     metrics = read_metrics(metrics_path)
@@ -668,7 +668,7 @@ def register_evaluated(params_path: str = "params.yaml", checkpoints: str = "che
 
 def write_report(result: dict, out: str | Path | None) -> dict:
     """reports/registry.json: the versions registered, the gate's verdict, where aliases point."""
-    from tasks.storage import atomic_path
+    from tasks.core.storage import atomic_path
 
     result = {**result, "aliases": aliases(), "registry": registry_uri()}
     if out:
@@ -683,7 +683,7 @@ def register_stage(params_path: str = "params.yaml", overrides: list[str] | None
                    evaluator: Evaluator | None = None, echo: Callable[[str], None] = print) -> dict:
     """The `register` DVC stage: register, then (register.auto_promote) run the gate, so a fresh
     `dvc repro` ends with a champion."""
-    from tasks.params import load_params
+    from tasks.core.params import load_params
 
     cfg = load_params(params_path, "register", overrides or ())
     evaluator = evaluator or Evaluator()

@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import data, training
-from tasks.errors import AbairError
-from tasks.params import params_hash
+from tasks.data import reader
+
+from tasks.train import loop
+from tasks.core.device import pick_device
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,10 @@ class SyntheticPatch:
         self.module = degradations.get(name)
 
     def __call__(self, sample: dict, rng: np.random.Generator):
-        (clean,) = data.random_patch([sample["clean"]], self.patch, rng)
+        (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
         degraded, _ = self.module.apply(clean, rng, float(rng.uniform(*self.severity)))
-        return data.to_tensor(degraded), data.to_tensor(clean)
+        return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
 class PairedPatch:
@@ -68,8 +71,8 @@ class PairedPatch:
         self.patch = patch
 
     def __call__(self, sample: dict, rng: np.random.Generator):
-        degraded, clean = data.random_patch([sample["degraded"], sample["clean"]], self.patch, rng)
-        return data.to_tensor(degraded), data.to_tensor(clean)
+        degraded, clean = reader.random_patch([sample["degraded"], sample["clean"]], self.patch, rng)
+        return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
 def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -77,7 +80,7 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
     seeds, or every 10th pair of a paired folder (which then is not trained on)."""
     count = job.get("val_samples", 16)
     if job["data"]:
-        folder = data.PairedFolder(job["data"], check=False)
+        folder = reader.PairedFolder(job["data"], check=False)
         names = folder.names[::10][:count]
         pairs = []
         for pair_name in names:
@@ -90,7 +93,7 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
     module = degradations.get(name)
     lo, hi = job["severity"]
     pairs = []
-    for i, sample in enumerate(data.read_split(data.shard_urls(shards, "val", index))):
+    for i, sample in enumerate(reader.read_split(reader.shard_urls(shards, "val", index))):
         if i >= count:
             break
         clean = sample["clean"].astype(np.float32) / 255.0
@@ -104,10 +107,10 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
 def psnr_on(backbone, bank, name: str | None, pairs, device) -> float:
     values = []
     for degraded, clean in pairs:
-        x = data.to_tensor(degraded)[None].to(device)
+        x = reader.to_tensor(degraded)[None].to(device)
         with bank.weights(None if name is None else torch.ones(1, 1)):
             restored = backbone(x)
-        values.append(float(training.psnr(restored.float(), data.to_tensor(clean)[None].to(device))))
+        values.append(float(loop.psnr(restored.float(), reader.to_tensor(clean)[None].to(device))))
     return float(np.mean(values))
 
 
@@ -125,15 +128,15 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         # A user's own degradation needs its paired folder; library names can be synthesised.
         raise AbairError("params.yaml adapters.degradations", f"unknown degradation {name!r} and no paired folder "
                          f"for it in adapters.data; known: {degradations.names()}")
-    device = training.pick_device(job.get("device", "auto"))
+    device = pick_device(job.get("device", "auto"))
     backbone = load_backbone(backbone_path)
     backbone.drop_seg_head()
     backbone_fp = fingerprint(backbone)
     if job["data"]:
-        folder = data.PairedFolder(job["data"])
+        folder = reader.PairedFolder(job["data"])
         data_fingerprint = params_hash(folder.fingerprint)
     else:
-        index = data.load_index(shards)
+        index = reader.load_index(shards)
         data_fingerprint = index["params_hash"]
     inputs_hash = params_hash({"job": {k: v for k, v in job.items() if k not in RUNTIME_KNOBS},
                                "backbone": backbone_fp, "data": data_fingerprint})
@@ -146,7 +149,7 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         except Exception:  # noqa: BLE001 - an unreadable old file is simply replaced
             pass
 
-    training.seed_everything(job["seed"])
+    loop.seed_everything(job["seed"])
     bank = AdapterBank(backbone, kind=job["kind"], targets=job["targets"], rank=job["rank"], alpha=job["alpha"],
                        hidden=job.get("hidden", 8))
     bank.add(name)
@@ -158,28 +161,28 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         held_out = set(folder.names[::10]) if len(folder) >= 10 else set()
         train_folder = copy.copy(folder)
         train_folder.names = [n for n in folder.names if n not in held_out]
-        stream = data.PairedStream(train_folder, PairedPatch(job["patch"]), seed=job["seed"])
+        stream = reader.PairedStream(train_folder, PairedPatch(job["patch"]), seed=job["seed"])
     else:
-        stream = data.ShardStream(data.shard_urls(shards, "train", index),
+        stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
                                   SyntheticPatch(name, job["patch"], tuple(job["severity"])), seed=job["seed"])
-    loader = data.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))
+    loader = reader.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     with tracking.start_run(f"adapter {name}", parent_run_id=parent_run_id,
                             tags={"abair.stage": "adapters", "abair.adapter": name, "abair.inputs_hash": inputs_hash}) as run:
         run.log_params({**job, "backbone_fingerprint": backbone_fp, "trainable_parameters": sum(p.numel() for p in parameters)})
-        steplog = training.StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
+        steplog = loop.StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
         ones = torch.ones(job["batch"], 1)
 
         def loss_fn(batch):
             degraded, clean = (t.to(device, non_blocking=True) for t in batch)
             with bank.weights(ones[: degraded.shape[0]]):
                 restored = backbone(degraded)
-            return training.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
+            return loop.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
 
         backbone.train()
-        losses = training.fit(loss_fn, parameters, job, loader.batches(0, job["steps"]), job["steps"], device,
+        losses = loop.fit(loss_fn, parameters, job, loader.batches(0, job["steps"]), job["steps"], device,
                               steplog, desc=f"adapter {name}", progress=progress)
         backbone.eval()
         if fingerprint(backbone) != backbone_fp:
@@ -187,14 +190,14 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         pairs = validation_pairs(job, name, shards, index if not job["data"] else None)
         val = {}
         if pairs:
-            val = {"val_psnr_input": float(np.mean([float(training.psnr(data.to_tensor(d)[None], data.to_tensor(c)[None])) for d, c in pairs])),
+            val = {"val_psnr_input": float(np.mean([float(loop.psnr(reader.to_tensor(d)[None], reader.to_tensor(c)[None])) for d, c in pairs])),
                    "val_psnr_backbone": psnr_on(backbone, bank, None, pairs, device),
                    "val_psnr_adapter": psnr_on(backbone, bank, name, pairs, device)}
         metadata = {"inputs_hash": inputs_hash, "data": job["data"] or f"synthetic:{name}",
                     "severity": json.dumps(job["severity"]), "steps": str(job["steps"]),
                     **{k: f"{v:.4f}" for k, v in val.items()}}
         bank.save(name, out, degradation=name, extra_metadata=metadata)
-        curves = training.plot_curves(steplog.read(), ["loss", "lr"], Path(reports) / f"{name}_curves.png",
+        curves = loop.plot_curves(steplog.read(), ["loss", "lr"], Path(reports) / f"{name}_curves.png",
                                       f"Phase II adapter: {name} ({job['kind']}, rank {job['rank']})")
         run.log_metrics({"final_loss": float(np.mean(losses[-10:])), **val}, job["steps"])
         run.log_artifact(out)

@@ -20,26 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tasks.errors import AbairError
-from tasks.storage import atomic_path
+from tasks.core.errors import AbairError
+from tasks.core.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
 # devices and processes
-
-def pick_device(spec: str = "auto", local_rank: int = 0, where: str = "device") -> torch.device:
-    """auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
-    spec = str(spec or "auto")
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if spec != "cpu" and not spec.startswith("cuda"):
-        raise AbairError(where, f"must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise AbairError(where, f"{spec} requested but no CUDA device is available")
-    return torch.device(spec)
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -259,7 +247,7 @@ def sample_grid(rows: list[list[np.ndarray]], path: str | Path, labels: list[str
     """Rows of float HxWx3 images (same size) side by side, a label above each column."""
     import cv2
 
-    from tasks import imageio
+    from tasks.core import imageio
 
     tiles = [np.concatenate([imageio.to_uint8(img) for img in row], 1) for row in rows]
     grid = np.concatenate(tiles, 0)

@@ -42,9 +42,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from tasks import imageio, storage
-from tasks.errors import AbairError
-from tasks.params import params_hash
+from tasks.core import imageio
+
+from tasks.core import storage
+from tasks.core.errors import AbairError
+from tasks.core.params import params_hash
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +233,10 @@ def _source_digest(sources) -> list[list]:
 
 def clean_sources(spec: SetSpec, shards: str):
     """The clean images (tasks.sources.Source) a synthetic set draws from, sorted by id."""
-    from tasks.sources import SAMPLES, Source, list_sources
+    from tasks.data.sources import SAMPLES, Source, list_sources
 
     if spec.clean == "val":
-        from tasks.data import load_index
+        from tasks.data.reader import load_index
 
         index = load_index(shards)
         where = storage.join(shards, "index.json")
@@ -257,7 +259,7 @@ def clean_sources(spec: SetSpec, shards: str):
 def _load_clean(source) -> np.ndarray:
     """Float RGB; grayscale files (Classic5) become three equal channels."""
     if source.uri.startswith("samples:"):
-        from tasks.sources import SourceSkip, load_source
+        from tasks.data.sources import SourceSkip, load_source
 
         try:
             return load_source(source, min_size=1)
@@ -365,7 +367,7 @@ def set_folder(spec: SetSpec, shards: str, cache: str | Path) -> str:
 
 def set_identity(spec: SetSpec, shards: str) -> dict:
     """What a set's images are, without building them (for suite_fingerprint)."""
-    from tasks.data import PairedFolder
+    from tasks.data.reader import PairedFolder
 
     if spec.kind == "paired":
         return {"spec": spec.as_dict(), "files": PairedFolder(spec.path, check=False).fingerprint}
@@ -411,7 +413,7 @@ class LoadedSet:
 def load_set(spec: SetSpec, folder: str, multiple: int) -> LoadedSet:
     """Every pair of a folder, checked (missing partner, size mismatch, unreadable file: one
     AbairError naming the file) and centre-cropped to the evaluation grid."""
-    from tasks.data import PairedFolder
+    from tasks.data.reader import PairedFolder
 
     paired = PairedFolder(folder, check=False)
     inputs, targets = [], []
@@ -969,7 +971,7 @@ def _estimator_temperature(path: Path) -> float:
 def load_restorer(checkpoints: str, device) -> Any:
     """The system in a checkpoints folder: backbone required; adapters and estimator optional
     (their modes are then skipped, with a warning)."""
-    from tasks.system import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, load_system
+    from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, load_system
 
     folder = Path(checkpoints)
     backbone = folder / BACKBONE_FILE
@@ -989,7 +991,7 @@ def load_restorer(checkpoints: str, device) -> Any:
 
 
 def _device(spec: str):
-    from tasks.training import pick_device
+    from tasks.core.device import pick_device
 
     return pick_device(str(spec or "auto"))
 
@@ -1073,7 +1075,7 @@ def evaluate(cfg: dict, checkpoints: str = "checkpoints", shards: str = "data/sh
     if reports is None:
         return evaluate_restorer(restorer, cfg, shards, None, progress, info)
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     suite = suite_fingerprint(cfg, shards)
     with tracking.start_run("evaluate", tags={"abair.stage": "evaluate", "abair.suite": suite}) as run:

@@ -20,9 +20,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-from tasks.errors import AbairError
+from tasks.core.errors import AbairError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("models", "tasks")
 DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": 512 * 512, "tiling": "exact"}
 # What the model folder needs at load time besides its bundled code (versions as in pyproject).
@@ -49,8 +49,8 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
     """predict(image or list of images, params={"mode": "sw" | "oh"}) -> restored uint8 image(s)."""
 
     def load_context(self, context):
-        from tasks.training import pick_device
-        from tasks.system import load_system
+        from tasks.core.device import pick_device
+        from tasks.core.components import load_system
 
         config = {**DEFAULT_CONFIG, **(context.model_config or {})}
         self.mode = config["mode"]
@@ -61,7 +61,7 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
 
     # np.ndarray tells MLflow not to derive a schema from the hint: the signature is the schema
     def predict(self, context, model_input: np.ndarray, params=None):
-        from tasks.restore import restore_rgb
+        from tasks.serve.restore import restore_rgb
 
         mode = (params or {}).get("mode") or self.mode
         if mode not in ("sw", "oh"):
@@ -90,7 +90,7 @@ def _stage_code(folder: Path) -> list[str]:
 
 def save_restorer(checkpoints: str | Path, path: str | Path, metadata: dict | None = None) -> Path:
     """Write the pyfunc model folder for the components in `checkpoints` to `path` (must not exist)."""
-    from tasks.system import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
+    from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 
     checkpoints = Path(checkpoints)
     artifacts = {"backbone": checkpoints / BACKBONE_FILE, "adapters": checkpoints / ADAPTER_DIR,

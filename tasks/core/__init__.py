@@ -1,0 +1,1 @@
+"""Library code every stage uses: errors, params, storage, image I/O, tracking, paths, devices."""

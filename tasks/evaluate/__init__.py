@@ -1,0 +1,1 @@
+"""The `evaluate` stage: metrics, sets, running the modes, tables, plots."""

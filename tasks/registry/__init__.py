@@ -1,0 +1,1 @@
+"""The MLflow model registry: versions, registration, the promotion gate, add-degradation."""

@@ -1,0 +1,1 @@
+"""Serving: inference on images, the `abair restore` command, the MLflow pyfunc."""

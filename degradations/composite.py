@@ -58,9 +58,9 @@ def apply(img: np.ndarray, rng: np.random.Generator, classes: list[str], severit
 
     if rng.random() < p_single:
         name = classes[int(rng.integers(len(classes)))]
-        degraded, records = apply_chain(img, rng, [(name, sample_severity(rng, ranges[name]))])
+        degraded, record = draw(img, rng, name, ranges[name])
         mask[:] = class_bits(classes, [name])
-        region = {"shape": "full", "bbox": [0, 0, height, width], "area": 1.0, "degradations": records}
+        region = {"shape": "full", "bbox": [0, 0, height, width], "area": 1.0, "degradations": [record]}
         return degraded, mask, {"kind": "single", "regions": [region]}
 
     count = int(rng.integers(regions[0], regions[1] + 1))
@@ -98,6 +98,15 @@ def apply_chain(img: np.ndarray, rng: np.random.Generator, steps) -> tuple[np.nd
         out, params = module.apply(out, rng, level, **options)  # pure: returns a new array
         records.append({"name": name, "severity": level, "params": params})
     return (out if records else img.copy()), records
+
+
+def draw(img: np.ndarray, rng: np.random.Generator, name: str, bounds: tuple[float, float] = (0.0, 1.0)
+         ) -> tuple[np.ndarray, dict]:
+    """One degradation at a severity drawn uniformly from `bounds` (drawn first, then applied,
+    both from `rng`): (degraded, its {"name", "severity", "params"} record). What every stage
+    that needs "one degradation at a random severity" calls."""
+    degraded, records = apply_chain(img, rng, [(name, sample_severity(rng, bounds))])
+    return degraded, records[0]
 
 
 def degrade_region(img: np.ndarray, out: np.ndarray, region: np.ndarray, bbox: list[int],

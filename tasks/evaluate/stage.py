@@ -46,6 +46,7 @@ from tasks.core import imageio
 
 from tasks.core import storage
 from tasks.core.errors import AbairError
+from tasks.core.metrics import PSNR_CAP, image_metrics, psnr, ssim, to_y  # noqa: F401
 from tasks.core.params import params_hash
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,12 @@ log = logging.getLogger(__name__)
 GROUPS = ("known", "unseen", "mixed")
 GROUP_TITLES = {"known": "Known degradations", "unseen": "Unseen degradations", "mixed": "Mixed degradations"}
 MODE_CHOICES = ("input", "none", "adapters", "oh", "sw", "oracle")
-PSNR_CAP = 100.0           # dB; the PSNR of an exact restoration (MSE 0) would be infinite
 DECIMALS = 4
 CACHE_FORMAT = "abair-evalset/1"
 SPEC_FILE = "spec.json"
 # Knobs that change how the evaluation runs (speed, memory, pictures), not what is measured.
 RUNTIME_KNOBS = ("cache", "max_pixels", "batch", "device", "threads", "temperature", "strips", "strip_crop")
 _SET_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-# BT.601 luma of RGB in [0, 1], as Restormer's rgb2ycbcr(y_only=True): Y in [16, 235] / 255.
-_Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
-_Y_OFFSET = 16.0 / 255.0
 # A random crop flatter than this (grey-level std) is redrawn: featureless crops (retina's black
 # surround, sky) say nothing about restoration and make PSNR swing wildly.
 _MIN_CROP_STD = 0.04
@@ -71,39 +68,6 @@ _CROP_TRIES = 8
 
 # ------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def to_y(images: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W RGB in [0, 1] -> B x 1 x H x W BT.601 luma (Restormer's Y channel)."""
-    weights = torch.tensor(_Y_WEIGHTS, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True) + _Y_OFFSET
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (B) in dB for images in [0, 1], capped at PSNR_CAP (float64 throughout)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    values = peak_signal_noise_ratio(pred.double(), target.double(), data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return torch.nan_to_num(values, posinf=PSNR_CAP).clamp(max=PSNR_CAP)
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (B): Gaussian window 11, sigma 1.5, over all channels. In float32: CPUs
-    have no fast float64 depthwise convolution (60x slower). The cost: windowed (co)variances are
-    small differences of large means, so flat regions carry an error of a few 1e-4 (textured
-    ones about 1e-7); SSIM is reported to 3-4 decimals."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
-
-
-def image_metrics(pred: torch.Tensor, target: torch.Tensor, y_channel: bool = False) -> dict[str, list[float]]:
-    """{metric: per-image values} for B x 3 x H x W batches in [0, 1]."""
-    out = {"psnr": psnr(pred, target), "ssim": ssim(pred, target)}
-    if y_channel:
-        pred_y, target_y = to_y(pred.float()), to_y(target.float())
-        out["psnr_y"], out["ssim_y"] = psnr(pred_y, target_y), ssim(pred_y, target_y)
-    return {k: [float(v) for v in values.cpu()] for k, values in out.items()}
 
 
 def centre_crop(img: np.ndarray, multiple: int, where: str) -> np.ndarray:

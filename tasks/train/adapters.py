@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import degradations
+
 from tasks.data import reader
 
 from tasks.train import loop
 from tasks.core.device import pick_device
 from tasks.core.errors import AbairError
+from tasks.core.metrics import psnr
 from tasks.core.params import params_hash
 
 log = logging.getLogger(__name__)
@@ -54,15 +57,13 @@ class SyntheticPatch:
     """Clean shard crop -> random patch -> one degradation at a random severity."""
 
     def __init__(self, name: str, patch: int, severity: tuple[float, float]):
-        import degradations
-
+        degradations.get(name)  # an unknown name fails here, not in a data worker
         self.name, self.patch, self.severity = name, patch, severity
-        self.module = degradations.get(name)
 
     def __call__(self, sample: dict, rng: np.random.Generator):
         (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
-        degraded, _ = self.module.apply(clean, rng, float(rng.uniform(*self.severity)))
+        degraded, _ = degradations.draw(clean, rng, self.name, self.severity)
         return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
@@ -88,8 +89,6 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
             size = min(256, *degraded.shape[:2]) // 8 * 8
             pairs.append((degraded[:size, :size].astype(np.float32) / 255, clean[:size, :size].astype(np.float32) / 255))
         return pairs
-    import degradations
-
     module = degradations.get(name)
     lo, hi = job["severity"]
     pairs = []
@@ -110,7 +109,7 @@ def psnr_on(backbone, bank, name: str | None, pairs, device) -> float:
         x = reader.to_tensor(degraded)[None].to(device)
         with bank.weights(None if name is None else torch.ones(1, 1)):
             restored = backbone(x)
-        values.append(float(loop.psnr(restored.float(), reader.to_tensor(clean)[None].to(device))))
+        values.append(float(psnr(restored.float().clamp(0, 1), reader.to_tensor(clean)[None].to(device))))
     return float(np.mean(values))
 
 
@@ -119,7 +118,6 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
                   reports: str = "reports/training/adapters", parent_run_id: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     """Train (or skip, when up to date) the adapter for one degradation; returns its summary."""
-    import degradations
     from models.adapters import AdapterBank, read_adapter_metadata
     from models.backbone import fingerprint, load_backbone
 
@@ -190,7 +188,7 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
         pairs = validation_pairs(job, name, shards, index if not job["data"] else None)
         val = {}
         if pairs:
-            val = {"val_psnr_input": float(np.mean([float(loop.psnr(reader.to_tensor(d)[None], reader.to_tensor(c)[None])) for d, c in pairs])),
+            val = {"val_psnr_input": float(np.mean([float(psnr(reader.to_tensor(d)[None], reader.to_tensor(c)[None])) for d, c in pairs])),
                    "val_psnr_backbone": psnr_on(backbone, bank, None, pairs, device),
                    "val_psnr_adapter": psnr_on(backbone, bank, name, pairs, device)}
         metadata = {"inputs_hash": inputs_hash, "data": job["data"] or f"synthetic:{name}",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import degradations
 import torch.nn.functional as F
 
 from tasks.data import reader
@@ -65,8 +67,6 @@ class EstimatorSample:
         return degraded.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0
 
     def __call__(self, sample: dict, rng: np.random.Generator):
-        import degradations
-
         target = np.zeros(len(self.names), np.float32)
         if rng.random() < self.p_single:
             k = int(rng.integers(0, len(self.names)))
@@ -75,8 +75,7 @@ class EstimatorSample:
                 degraded, clean = self._paired(source, rng)
             else:
                 clean = sample["clean"].astype(np.float32) / 255.0
-                lo, hi = source["severity"]
-                degraded, _ = degradations.get(source["name"]).apply(clean, rng, float(rng.uniform(lo, hi)))
+                degraded, _ = degradations.draw(clean, rng, source["name"], tuple(source["severity"]))
             target[k] = 1.0
         else:
             mask = sample["mask"]
@@ -98,8 +97,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def single_degradation_accuracy(estimator, sources: list[dict], shards: str, index: dict, seed: int,
                                 per_class: int, device) -> dict:
     """Argmax accuracy and confusion matrix on held-out single-degradation samples."""
-    import degradations
-
     names = [s["name"] for s in sources]
     confusion = np.zeros((len(names), len(names)), np.int64)
     cleans = [sample["clean"].astype(np.float32) / 255.0 for sample, _ in

@@ -237,12 +237,6 @@ def plot_curves(table: Mapping[str, list[float]], columns: list[str], path: str 
     return Path(path)
 
 
-def psnr(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of Bx3xHxW tensors in [0, 1]."""
-    mse = (restored.clamp(0, 1) - clean).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 def sample_grid(rows: list[list[np.ndarray]], path: str | Path, labels: list[str]) -> Path:
     """Rows of float HxWx3 images (same size) side by side, a label above each column."""
     import cv2

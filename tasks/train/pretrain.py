@@ -25,6 +25,7 @@ from tasks.data import reader
 from tasks.train import loop
 from tasks.core.device import pick_device
 from tasks.core.errors import AbairError
+from tasks.core.metrics import psnr
 from tasks.core.params import params_hash
 from tasks.core.storage import atomic_path
 
@@ -82,8 +83,8 @@ def validate(model: torch.nn.Module, urls: list[str], device: torch.device, batc
         degraded = torch.stack([reader.to_tensor(s["degraded"]) for s in batch]).to(device)
         clean = torch.stack([reader.to_tensor(s["clean"]) for s in batch]).to(device)
         restored = model(degraded).float().clamp(0, 1)
-        psnr_in.append(loop.psnr(degraded, clean).cpu())
-        psnr_out.append(loop.psnr(restored, clean).cpu())
+        psnr_in.append(psnr(degraded, clean).cpu())
+        psnr_out.append(psnr(restored, clean).cpu())
         for i in range(min(len(batch), keep - len(examples))):
             examples.append([reader.to_numpy(degraded[i]), reader.to_numpy(restored[i]), reader.to_numpy(clean[i])])
         batch.clear()

@@ -1,4 +1,4 @@
-"""`abair evaluate` and the Prefect evaluation flow: the same work (tasks.evaluate.evaluate), and
+"""`abair evaluate` and the Prefect evaluation flow: the same work (tasks.evaluate.stage.evaluate), and
 in the flow the paper's tables published as Prefect table and markdown artifacts."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TABLE_DESCRIPTIONS = {
 
 def publish_artifacts(metrics: dict, cfg: dict, reports: str | None) -> None:
     """One table artifact per paper table, plus results.md as a markdown artifact."""
-    from tasks.evaluate.stage import paper_tables
+    from tasks.evaluate.tables import paper_tables
 
     for name, rows in paper_tables(metrics, cfg).items():
         if rows:

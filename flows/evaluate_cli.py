@@ -23,7 +23,7 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder with backbone.safetensors, adapters/, estimator.safetensors")
     p.add_argument("--shards", default="data/shards", help="shard set whose validation images the synthetic sets use")
-    p.add_argument("--reports", default="reports", help="writes metrics.json, results.md and plots/ here")
+    p.add_argument("--reports", default="reports", help="writes metrics.json, summary.json, results.md and plots/ here")
     p.add_argument("--runner", choices=["local", "prefect"], default="local",
                    help="local: run in this process (default); prefect: as a flow, with table and markdown artifacts")
     p.add_argument("--no-progress", action="store_true")

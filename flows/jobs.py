@@ -98,15 +98,16 @@ def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def register_task(params_path: str, checkpoints: str, metrics_path: str, shards: str) -> dict:
-    from tasks.registry.store import register_evaluated
+    from tasks.registry.register import register_evaluated
+    from tasks.serve.pyfunc import save_restorer
 
-    return register_evaluated(params_path, checkpoints, metrics_path, shards)
+    return register_evaluated(params_path, checkpoints, metrics_path, shards, save_restorer=save_restorer)
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
 def promote_task(gate: dict, eval_cfg: dict, shards: str, challenger: str | None, dry_run: bool) -> dict:
-    from tasks.registry.store import promote
+    from tasks.registry.gate import promote
 
     return promote(gate, eval_cfg=eval_cfg, shards=shards, challenger=challenger, dry_run=dry_run)
 
@@ -158,13 +159,13 @@ def publish_degradation_task(name: str, params: dict, stage: str, out: str, metr
     from pathlib import Path
 
     from tasks.registry import add_degradation
-
-    from tasks.registry import store as registry
+    from tasks.registry.gate import Evaluator
+    from tasks.serve.pyfunc import save_restorer
 
     if Path(stage).exists():  # a retry after the rename finds `out` already in place
         add_degradation.publish(stage, out)
     return add_degradation.finish(name, params, Path(out), metrics, shards, reports, prepared, adapter, estimator,
-                                  unchanged, True, promote, registry.Evaluator(), print)
+                                  unchanged, True, promote, Evaluator(), print, save_restorer)
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,

@@ -1,7 +1,7 @@
 """Prefect flows and CLI commands for the registry end of the pipeline: register, promote,
 roll back, restore images, add a degradation.
 
-Flows compose the Prefect tasks of tasks/jobs.py (retries on transient failures); the CLI runs
+Flows compose the Prefect tasks of flows/jobs.py (retries on transient failures); the CLI runs
 the same plain functions directly by default (what `dvc repro` calls: no Prefect server needed),
 or the flows with `--runner prefect`. prefect.yaml deploys `promote_flow`.
 """
@@ -34,7 +34,7 @@ def register_flow(params_path: str = "params.yaml", checkpoints: str = "checkpoi
                   out: str | None = "reports/registry.json", promote: bool | None = None) -> dict:
     """Register the evaluated components (challenger), then run the gate when `promote` (default:
     register.auto_promote)."""
-    from tasks.registry import store as registry
+    from tasks.registry.register import write_report
 
     tracking.join_flow_pipeline_run()
     cfg = load_params(params_path, "register")
@@ -43,7 +43,7 @@ def register_flow(params_path: str = "params.yaml", checkpoints: str = "checkpoi
         eval_cfg = load_params(params_path).get("evaluate") or {}
         result["gate"] = jobs.promote_task(cfg["gate"], eval_cfg, shards, None, False)
         _gate_artifact(result["gate"])
-    return registry.write_report(result, out)
+    return write_report(result, out)
 
 
 @flow(name="abair-promote", log_prints=True)

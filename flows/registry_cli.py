@@ -7,7 +7,8 @@ from tasks.core.params import load_params
 
 
 def cmd_register(args) -> None:
-    from tasks.registry import store as registry
+    from tasks.registry import gate, register
+    from tasks.serve.pyfunc import save_restorer
 
     promote = None if args.promote is None else args.promote
     if args.runner == "prefect":
@@ -16,18 +17,20 @@ def cmd_register(args) -> None:
         register_flow(args.params, args.checkpoints, args.metrics, args.shards, args.out, promote)
         return
     if promote is None:
-        registry.register_stage(args.params, args.set, args.checkpoints, args.metrics, args.shards, args.out)
+        register.register_stage(args.params, args.set, args.checkpoints, args.metrics, args.shards, args.out,
+                                save_restorer=save_restorer)
         return
-    result = registry.register_evaluated(args.params, args.checkpoints, args.metrics, args.shards)
+    result = register.register_evaluated(args.params, args.checkpoints, args.metrics, args.shards,
+                                         save_restorer=save_restorer)
     if promote:
         cfg = load_params(args.params, "register", args.set or ())
-        result["gate"] = registry.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {},
-                                          shards=args.shards)
-    registry.write_report(result, args.out)
+        result["gate"] = gate.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {},
+                                      shards=args.shards)
+    register.write_report(result, args.out)
 
 
 def cmd_promote(args) -> None:
-    from tasks.registry import store as registry
+    from tasks.registry import gate
 
     if args.runner == "prefect":
         from flows.registry import promote_flow
@@ -35,14 +38,14 @@ def cmd_promote(args) -> None:
         promote_flow(args.params, args.dry_run, args.challenger, args.shards, list(args.set or ()))
         return
     cfg = load_params(args.params, "register", args.set or ())
-    registry.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {}, shards=args.shards,
-                     challenger=args.challenger, dry_run=args.dry_run)
+    gate.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {}, shards=args.shards,
+                 challenger=args.challenger, dry_run=args.dry_run)
 
 
 def cmd_rollback(args) -> None:
-    from tasks.registry import store as registry
+    from tasks.registry import gate
 
-    registry.rollback()
+    gate.rollback()
 
 
 def cmd_restore(args) -> None:
@@ -61,9 +64,10 @@ def cmd_add_degradation(args) -> None:
                              args.promote)
         return
     from tasks.registry.add_degradation import add_degradation
+    from tasks.serve.pyfunc import save_restorer
 
     add_degradation(args.name, args.params, list(args.set or ()), data=args.data, base=args.base, out=args.out,
-                    shards=args.shards, promote=args.promote)
+                    shards=args.shards, promote=args.promote, save_restorer=save_restorer)
 
 
 def add_commands(sub, with_params) -> None:

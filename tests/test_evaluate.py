@@ -13,8 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.evaluate import stage as ev
 from tasks.core.errors import AbairError
+from tasks.core.metrics import PSNR_CAP, image_metrics, psnr, ssim, to_y
+from tasks.evaluate.run import summary_metrics
+from tasks.evaluate.sets import SetSpec, centre_crop, load_set, parse_sets, prepare_synthetic, suite_fingerprint
+from tasks.evaluate.stage import evaluate, evaluate_restorer
+from tasks.evaluate.tables import paper_tables
 from tests.conftest import write_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -26,8 +30,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_psnr_and_ssim_of_identical_images():
     img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert ev.psnr(img, img.clone()).tolist() == [ev.PSNR_CAP, ev.PSNR_CAP]   # documented cap, not inf
-    assert torch.allclose(ev.ssim(img, img.clone()), torch.ones(2), atol=1e-6)
+    assert psnr(img, img.clone()).tolist() == [PSNR_CAP, PSNR_CAP]   # documented cap, not inf
+    assert torch.allclose(ssim(img, img.clone()), torch.ones(2), atol=1e-6)
 
 
 def test_psnr_of_a_known_mse():
@@ -37,37 +41,37 @@ def test_psnr_of_a_known_mse():
     pred = target + 0.05 * signs.float()
     mse = float(((pred - target) ** 2).mean())
     assert math.isclose(mse, 0.0025, rel_tol=1e-4)
-    assert math.isclose(float(ev.psnr(pred, target)[0]), 10 * math.log10(1 / 0.0025), abs_tol=1e-3)
+    assert math.isclose(float(psnr(pred, target)[0]), 10 * math.log10(1 / 0.0025), abs_tol=1e-3)
 
 
 @pytest.mark.parametrize("shift", [0.01, 0.05, 0.2])
 def test_constant_shift(shift):
     target = 0.1 + 0.5 * torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(2))
-    assert math.isclose(float(ev.psnr(target + shift, target)[0]), -20 * math.log10(shift), abs_tol=1e-4)
+    assert math.isclose(float(psnr(target + shift, target)[0]), -20 * math.log10(shift), abs_tol=1e-4)
     # Constant images: every window has the same means and zero variance, so SSIM is the
     # luminance term alone, (2 a b + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * data_range)^2.
     a, b, c1 = 0.4, 0.4 + shift, 0.01 ** 2
     flat = torch.full((1, 3, 24, 24), a)
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
-    # float32 SSIM (see ev.ssim): flat images are its worst case, a few 1e-4
-    assert math.isclose(float(ev.ssim(flat + shift, flat)[0]), expected, abs_tol=5e-4)
+    # float32 SSIM (see tasks.core.metrics.ssim): flat images are its worst case, a few 1e-4
+    assert math.isclose(float(ssim(flat + shift, flat)[0]), expected, abs_tol=5e-4)
 
 
 def test_y_channel_is_bt601_as_restormer():
     black, white = torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16)
-    assert torch.allclose(ev.to_y(black), torch.full((1, 1, 16, 16), 16 / 255), atol=1e-6)
-    assert torch.allclose(ev.to_y(white), torch.full((1, 1, 16, 16), 235 / 255), atol=1e-6)
-    metrics = ev.image_metrics(white * 0.5, white * 0.5, y_channel=True)
-    assert set(metrics) == {"psnr", "ssim", "psnr_y", "ssim_y"} and metrics["psnr_y"] == [ev.PSNR_CAP]
+    assert torch.allclose(to_y(black), torch.full((1, 1, 16, 16), 16 / 255), atol=1e-6)
+    assert torch.allclose(to_y(white), torch.full((1, 1, 16, 16), 235 / 255), atol=1e-6)
+    metrics = image_metrics(white * 0.5, white * 0.5, y_channel=True)
+    assert set(metrics) == {"psnr", "ssim", "psnr_y", "ssim_y"} and metrics["psnr_y"] == [PSNR_CAP]
 
 
 def test_centre_crop_to_the_grid():
     img = np.arange(37 * 50 * 3, dtype=np.uint8).reshape(37, 50, 3)
-    out = ev.centre_crop(img, 16, "x.png")
+    out = centre_crop(img, 16, "x.png")
     assert out.shape == (32, 48, 3)
     assert np.array_equal(out, img[2:34, 1:49])
     with pytest.raises(AbairError, match="x.png.*smaller than the 16 px"):
-        ev.centre_crop(img[:10], 16, "x.png")
+        centre_crop(img[:10], 16, "x.png")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,73 +133,106 @@ def test_oracle_is_at_least_as_good_as_every_single_adapter(tmp_path):
         {"name": "copy", "group": "unseen", "task": ["jpeg"], "path": str(sets["copy"])},
         {"name": "both", "group": "mixed", "task": ["dark", "bright"], "path": str(sets["both"])},
     ]}
-    metrics = ev.evaluate_restorer(HandBuiltRestorer(), cfg, shards=str(tmp_path / "no-shards"),
-                                   reports=str(tmp_path / "reports"), progress=False)
+    metrics = evaluate_restorer(HandBuiltRestorer(), cfg, shards=str(tmp_path / "no-shards"),
+                                reports=str(tmp_path / "reports"), progress=False)
 
     for task, wrong in (("dark", "bright"), ("bright", "dark")):
         oracle = metrics[f"known/{task}/oracle/psnr"]
         assert oracle >= metrics[f"known/{task}/adapter_{task}/psnr"]
         # The hand-built adapters are exact, so the right one is perfect and the wrong one is not:
         # an oracle that picked the wrong adapter would fail here.
-        assert oracle == ev.PSNR_CAP and metrics[f"known/{task}/oracle/ssim"] == 1.0
+        assert oracle == PSNR_CAP and metrics[f"known/{task}/oracle/ssim"] == 1.0
         assert metrics[f"known/{task}/adapter_{wrong}/psnr"] < 20
         assert metrics[f"known/{task}/input/psnr"] < 20
-        assert metrics[f"known/{task}/oh/psnr"] == ev.PSNR_CAP     # the estimator picks right
+        assert metrics[f"known/{task}/oh/psnr"] == PSNR_CAP     # the estimator picks right
     assert metrics["estimator/accuracy"] == 1.0 and metrics["estimator/images"] == 6
     # No adapter exists for the unseen set's task: no oracle; the identity scores the cap.
     assert "unseen/copy/oracle/psnr" not in metrics
-    assert metrics["unseen/copy/input/psnr"] == ev.PSNR_CAP and metrics["unseen/copy/none/psnr"] == ev.PSNR_CAP
+    assert metrics["unseen/copy/input/psnr"] == PSNR_CAP and metrics["unseen/copy/none/psnr"] == PSNR_CAP
     # Mixed set: the oracle blends both adapters uniformly (1.5 x - 0.1 here), a different value
     # from either adapter alone.
     assert "mixed/both/oracle/psnr" in metrics
     assert metrics["mixed/both/oracle/psnr"] not in (metrics["mixed/both/adapter_dark/psnr"],
                                                      metrics["mixed/both/adapter_bright/psnr"])
     assert metrics["sets/known/dark/images"] == 3
-    assert metrics["summary/known/oracle/psnr"] == ev.PSNR_CAP
+    assert metrics["summary/known/oracle/psnr"] == PSNR_CAP
+
+
+# ------------------------------------------------------------------------------------------------
+# summary.json: the short view of metrics.json that `dvc metrics show` prints
+
+
+def test_summary_holds_the_served_mode_per_group_and_the_estimator(tmp_path):
+    cfg = {"device": "cpu", "strips": 0, "modes": ["input", "sw"], "sets": [
+        {"name": "dim", "group": "known", "task": ["dark"], "path": str(paired_set(tmp_path / "dim", lambda t: t // 2))},
+        {"name": "same", "group": "unseen", "task": [], "path": str(paired_set(tmp_path / "same", lambda t: t.copy()))},
+        {"name": "dim_lit", "group": "mixed", "task": ["dark", "bright"],
+         "path": str(paired_set(tmp_path / "dim_lit", lambda t: t // 2 + BRIGHT_OFFSET))},
+    ]}
+    evaluate_restorer(HandBuiltRestorer(), cfg, reports=str(tmp_path / "reports"), progress=False)
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+
+    scopes = ("known", "unseen", "mixed", "all")
+    assert set(summary) == {*scopes, "estimator"}
+    for scope in scopes:
+        assert set(summary[scope]) == {"sw_psnr", "sw_ssim", "sw_psnr_gain"}
+        assert summary[scope]["sw_psnr"] == metrics[f"summary/{scope}/sw/psnr"]
+        assert summary[scope]["sw_ssim"] == metrics[f"summary/{scope}/sw/ssim"]
+        gain = metrics[f"summary/{scope}/sw/psnr"] - metrics[f"summary/{scope}/input/psnr"]
+        assert summary[scope]["sw_psnr_gain"] == round(gain, 4)
+    assert summary["estimator"] == {"accuracy": metrics["estimator/accuracy"]}
+
+
+def test_summary_leaves_out_what_was_not_measured():
+    metrics = {"summary/known/input/psnr": 20.0, "summary/known/sw/psnr": 23.1234, "summary/known/sw/ssim": 0.8,
+               "summary/unseen/none/psnr": 25.0, "summary/all/sw/psnr": 23.1234, "known/dim/sw/psnr": 23.1234}
+    assert summary_metrics(metrics) == {"known": {"sw_psnr": 23.1234, "sw_ssim": 0.8, "sw_psnr_gain": 3.1234},
+                                        "all": {"sw_psnr": 23.1234}}
 
 
 # ------------------------------------------------------------------------------------------------
 # Paired folder errors
 
 
-def _paired_spec(folder: Path) -> ev.SetSpec:
-    return ev.parse_sets({"sets": [{"name": "bench", "group": "known", "task": ["noise"], "path": str(folder)}]})[0]
+def _paired_spec(folder: Path) -> SetSpec:
+    return parse_sets({"sets": [{"name": "bench", "group": "known", "task": ["noise"], "path": str(folder)}]})[0]
 
 
 def test_paired_folder_with_a_missing_partner(tmp_path):
     folder = paired_set(tmp_path / "set", lambda t: t)
     (folder / "target" / "1.png").unlink()
     with pytest.raises(AbairError, match=r"input/1\.png: has no partner in target/"):
-        ev.load_set(_paired_spec(folder), str(folder), 16)
+        load_set(_paired_spec(folder), str(folder), 16)
 
 
 def test_paired_folder_with_a_size_mismatch(tmp_path):
     folder = paired_set(tmp_path / "set", lambda t: t)
     write_png(folder / "target" / "2.png", np.zeros((32, 40, 3), np.uint8))
     with pytest.raises(AbairError, match=r"input/2\.png: size 48x32 differs from its target's 40x32"):
-        ev.load_set(_paired_spec(folder), str(folder), 16)
+        load_set(_paired_spec(folder), str(folder), 16)
 
 
 def test_paired_folder_with_an_unreadable_file(tmp_path):
     folder = paired_set(tmp_path / "set", lambda t: t)
     (folder / "input" / "0.png").write_bytes(b"not a png at all")
     with pytest.raises(AbairError, match=r"input/0\.png: not a readable image"):
-        ev.load_set(_paired_spec(folder), str(folder), 16)
+        load_set(_paired_spec(folder), str(folder), 16)
     # The whole stage fails the same way, before any model runs.
     cfg = {"device": "cpu", "sets": [{"name": "bench", "group": "known", "task": [], "path": str(folder)}]}
     with pytest.raises(AbairError, match=r"input/0\.png"):
-        ev.evaluate_restorer(HandBuiltRestorer(), cfg, reports=None, progress=False)
+        evaluate_restorer(HandBuiltRestorer(), cfg, reports=None, progress=False)
 
 
 def test_bad_set_specs_are_named():
     with pytest.raises(AbairError, match=r"evaluate.sets\[0\]: name must be"):
-        ev.parse_sets({"sets": [{"name": "blur/noise", "group": "mixed", "degradations": [["blur", 0.5]]}]})
+        parse_sets({"sets": [{"name": "blur/noise", "group": "mixed", "degradations": [["blur", 0.5]]}]})
     with pytest.raises(AbairError, match="evaluate.sets.x: unknown degradation 'fog'"):
-        ev.parse_sets({"sets": [{"name": "x", "group": "known", "degradations": [["fog", 0.5]]}]})
+        parse_sets({"sets": [{"name": "x", "group": "known", "degradations": [["fog", 0.5]]}]})
     with pytest.raises(AbairError, match="evaluate.sets.x: group must be"):
-        ev.parse_sets({"sets": [{"name": "x", "group": "seen", "degradations": [["blur", 0.5]]}]})
+        parse_sets({"sets": [{"name": "x", "group": "seen", "degradations": [["blur", 0.5]]}]})
     with pytest.raises(AbairError, match="set names must be unique"):
-        ev.parse_sets({"sets": [{"name": "x", "group": "known", "degradations": [["blur", 0.5]]}] * 2})
+        parse_sets({"sets": [{"name": "x", "group": "known", "degradations": [["blur", 0.5]]}] * 2})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +243,8 @@ def test_bad_set_specs_are_named():
 def tiny_checkpoints(tmp_path_factory) -> Path:
     """Tiny backbone, two LoRA adapters with a visible effect, an untrained estimator."""
     from models.adapters import AdapterBank
-    from models.backbone import build_backbone, save_backbone
+    from models.backbone import build_backbone
+    from models.identity import save_backbone
     from models.estimator import EstimatorConfig, build_estimator, save_estimator
 
     folder = tmp_path_factory.mktemp("checkpoints")
@@ -244,12 +282,12 @@ def small_cfg(project_params: dict, cache: Path) -> dict:
 
 def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoints, tiny_shards, project_params):
     cfg = small_cfg(project_params, tmp_path / "eval")
-    first = ev.evaluate(cfg, checkpoints=str(tiny_checkpoints), shards=str(tiny_shards),
-                        reports=str(tmp_path / "r1"), progress=False)
+    first = evaluate(cfg, checkpoints=str(tiny_checkpoints), shards=str(tiny_shards),
+                     reports=str(tmp_path / "r1"), progress=False)
     spec_file = tmp_path / "eval" / "noise" / "spec.json"
     built = spec_file.stat().st_mtime_ns
-    second = ev.evaluate(cfg, checkpoints=str(tiny_checkpoints), shards=str(tiny_shards),
-                         reports=str(tmp_path / "r2"), progress=False)
+    second = evaluate(cfg, checkpoints=str(tiny_checkpoints), shards=str(tiny_shards),
+                      reports=str(tmp_path / "r2"), progress=False)
 
     # Same keys, same values, and the file is exactly what the function returned.
     assert first == second
@@ -304,21 +342,21 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
 
 def test_cache_and_fingerprint_follow_the_spec(tmp_path, tiny_shards, project_params):
     cfg = small_cfg(project_params, tmp_path / "eval")
-    spec = ev.parse_sets(cfg)[0]
-    folder = ev.prepare_synthetic(spec, str(tiny_shards), tmp_path / "eval")
+    spec = parse_sets(cfg)[0]
+    folder = prepare_synthetic(spec, str(tiny_shards), tmp_path / "eval")
     image = (folder / "input" / sorted(p.name for p in (folder / "input").iterdir())[0]).read_bytes()
-    assert ev.prepare_synthetic(spec, str(tiny_shards), tmp_path / "eval") == folder
+    assert prepare_synthetic(spec, str(tiny_shards), tmp_path / "eval") == folder
 
-    stronger = ev.parse_sets({**cfg, "sets": [{**cfg["sets"][0], "degradations": [["noise", 0.9]]}]})[0]
-    ev.prepare_synthetic(stronger, str(tiny_shards), tmp_path / "eval")
+    stronger = parse_sets({**cfg, "sets": [{**cfg["sets"][0], "degradations": [["noise", 0.9]]}]})[0]
+    prepare_synthetic(stronger, str(tiny_shards), tmp_path / "eval")
     assert (folder / "input" / sorted(p.name for p in (folder / "input").iterdir())[0]).read_bytes() != image
 
-    base = ev.suite_fingerprint(cfg, str(tiny_shards))
-    assert ev.suite_fingerprint(copy.deepcopy(cfg), str(tiny_shards)) == base
+    base = suite_fingerprint(cfg, str(tiny_shards))
+    assert suite_fingerprint(copy.deepcopy(cfg), str(tiny_shards)) == base
     runtime = {**cfg, "device": "cuda", "batch": 1, "max_pixels": 4096, "strips": 0, "cache": "elsewhere"}
-    assert ev.suite_fingerprint(runtime, str(tiny_shards)) == base
-    assert ev.suite_fingerprint({**cfg, "y_channel": True}, str(tiny_shards)) != base
-    assert ev.suite_fingerprint({**cfg, "defaults": {**cfg["defaults"], "seed": 4}}, str(tiny_shards)) != base
+    assert suite_fingerprint(runtime, str(tiny_shards)) == base
+    assert suite_fingerprint({**cfg, "y_channel": True}, str(tiny_shards)) != base
+    assert suite_fingerprint({**cfg, "defaults": {**cfg["defaults"], "seed": 4}}, str(tiny_shards)) != base
 
 
 def test_cli_evaluate(tmp_path, tiny_checkpoints, tiny_shards, project_params, capsys):
@@ -348,7 +386,7 @@ def test_paper_tables_rebuild_from_metrics_alone(tmp_path):
         "summary/known/sw/psnr": 30.0, "summary/known/sw/ssim": 0.9,
         "params/backbone": 1000, "params/adapters": 100, "params/estimator": 10, "params/total": 1110,
     }
-    tables = ev.paper_tables(metrics)
+    tables = paper_tables(metrics)
     known = {row["method"]: row for row in tables["known"]}
     assert known["ABAIR (SW)"]["rain psnr"] == 30.0 and known["ABAIR (SW)"]["params"] == 1110
     assert known["Oracle"]["params"] == 1100 and known["Input"]["params"] is None

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
+from tasks.registry import gate
 from tasks.registry import store as registry
+from tasks.registry.register import register, register_stage
+from tasks.serve.pyfunc import save_restorer
 import flows.registry  # noqa: F401  prefect's log handler binds to the stderr of its import: the session's, not a test's
 from flows.cli import main
 from tasks.core.errors import AbairError
@@ -57,7 +60,7 @@ def versions(name: str) -> list[str]:
     return [str(n) for n in sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))]
 
 
-class FakeEvaluator(registry.Evaluator):
+class FakeEvaluator(gate.Evaluator):
     """The current suite is `suite`; evaluating any folder returns `result` (and records it)."""
 
     def __init__(self, suite: str, result: dict | None = None):
@@ -72,7 +75,8 @@ class FakeEvaluator(registry.Evaluator):
 
 
 def test_round_trip_tags_aliases_and_idempotence(store, checkpoints):
-    result = registry.register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1", commit="abc123")
+    result = register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1", commit="abc123",
+                      save_restorer=save_restorer)
     assert result["restorer"]["created"] and result["restorer"]["version"] == "1"
     assert set(result["components"]) == {"backbone", "adapter.haze", "adapter.rain", "estimator"}
     client = registry.registry_client()
@@ -101,23 +105,23 @@ def test_round_trip_tags_aliases_and_idempotence(store, checkpoints):
         assert file_sha256(downloaded / path.relative_to(checkpoints)) == file_sha256(path), label
 
     # the same inputs again: nothing new
-    again = registry.register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1")
+    again = register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1", save_restorer=save_restorer)
     assert not again["restorer"]["created"] and again["restorer"]["version"] == "1"
     assert not any(c["created"] for c in again["components"].values())
     assert versions("abair-restorer") == ["1"] and versions("abair-backbone") == ["1"]
 
     # other params, same files: a new restorer version on the same component versions
-    other = registry.register(checkpoints, metrics(), params="params-b", data="data-1", suite="suite-1")
+    other = register(checkpoints, metrics(), params="params-b", data="data-1", suite="suite-1", save_restorer=save_restorer)
     assert other["restorer"]["created"] and other["restorer"]["version"] == "2"
     assert not any(c["created"] for c in other["components"].values())
     assert versions("abair-backbone") == ["1"] and registry.aliases()["challenger"] == "2"
 
 
 def test_pyfunc_loads_in_a_fresh_process_and_predicts(store, checkpoints, tmp_path):
-    from tasks.serve.restore import restore_rgb
+    from tasks.serve.inference import restore_rgb
     from tasks.core.components import load_system_dir
 
-    registry.register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1")
+    register(checkpoints, metrics(), params="params-a", data="data-1", suite="suite-1", save_restorer=save_restorer)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (19, 27, 3), dtype=np.uint8), rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)]
     np.save(tmp_path / "a.npy", images[0])
@@ -161,9 +165,50 @@ print("loaded from", sys.modules["tasks.serve.pyfunc"].__file__)
     assert np.abs(got - np.round(whole * 255)).max() > 1
 
 
+def tasks_imports(path: Path) -> set[str]:
+    """Files of the `tasks` modules a file imports (function-local imports too), with the package
+    __init__ files above them."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    files = set()
+    for name in (n for n in names if n.split(".")[0] == "tasks"):
+        parts = name.split(".")
+        files |= {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts) + 1)}
+        files.add("/".join(parts) + ".py")
+    return {f for f in files if (ROOT / f).is_file()}
+
+
+def test_pyfunc_bundles_models_and_only_the_serving_code(checkpoints, tmp_path):
+    from tasks.serve.pyfunc import SERVING_CODE
+
+    code = save_restorer(checkpoints, tmp_path / "restorer") / "code"
+    bundled = {p.relative_to(code).as_posix() for p in (code / "tasks").rglob("*.py")}
+    assert bundled == set(SERVING_CODE)
+    assert not [p for p in bundled if p.split("/")[1] in ("data", "train", "evaluate", "registry")]
+    assert {p.relative_to(code).as_posix() for p in (code / "models").rglob("*.py")} == \
+           {p.relative_to(ROOT).as_posix() for p in (ROOT / "models").rglob("*.py")}
+
+    # what the model class imports, and what those import in turn, is all there
+    needed, todo = set(), ["tasks/serve/pyfunc.py"]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(tasks_imports(ROOT / current))
+    assert needed | {"tasks/__init__.py"} == bundled
+
+
+
 def fresh_versions(checkpoints, *entries) -> list[str]:
     """Register one restorer version per (tag, metrics) on the same files (params tell them apart)."""
-    return [registry.register(checkpoints, m, params=f"gate-{tag}", data="d", suite=suite)["restorer"]["version"]
+    return [register(checkpoints, m, params=f"gate-{tag}", data="d", suite=suite,
+                     save_restorer=save_restorer)["restorer"]["version"]
             for tag, m, suite in entries]
 
 
@@ -185,21 +230,21 @@ def test_gate_first_champion_then_pass_fail_and_rollback(store, checkpoints):
 
     # no champion: the absolute floor decides
     (weak,) = fresh_versions(checkpoints, ("weak", metrics(average=21.5, inputs=22.0), "s"))
-    verdict = registry.promote(GATE, echo=echo)
+    verdict = gate.promote(GATE, echo=echo)
     assert not verdict["passed"] and not verdict["moved"] and verdict["champion"] is None
     assert "gain over input -0.50 dB below the floor 0.00 dB" in verdict["reason"]
     assert client.get_model_version("abair-restorer", weak).tags["abair.gate"] == "failed"
     assert "champion" not in registry.aliases()
 
     (first,) = fresh_versions(checkpoints, ("first", metrics(average=26.0), "s"))
-    verdict = registry.promote(GATE, echo=echo)
+    verdict = gate.promote(GATE, echo=echo)
     assert verdict["passed"] and verdict["against"] == "floor" and registry.aliases()["champion"] == first
     assert "previous" not in registry.aliases()
     assert str(client.get_model_version_by_alias("abair-backbone", "champion").version) == "1"
 
     # better on average, one task 0.15 dB worse (inside the tolerance): passes
     (better,) = fresh_versions(checkpoints, ("better", metrics(average=26.5, rain=28.0, haze=24.85), "s"))
-    verdict = registry.promote(GATE, echo=echo)
+    verdict = gate.promote(GATE, echo=echo)
     assert verdict["passed"] and verdict["moved"]
     assert registry.aliases() == {"challenger": better, "champion": better, "previous": first}
     assert client.get_model_version("abair-restorer", better).tags["abair.gate_against"] == f"champion version {first}"
@@ -207,7 +252,7 @@ def test_gate_first_champion_then_pass_fail_and_rollback(store, checkpoints):
     # better on average but one task 0.3 dB worse: fails, nothing moves, the reason is a tag
     (worse,) = fresh_versions(checkpoints, ("worse", metrics(average=27.0, rain=29.0, haze=24.55), "s"))
     lines.clear()
-    verdict = registry.promote(GATE, echo=echo)
+    verdict = gate.promote(GATE, echo=echo)
     assert not verdict["passed"] and not verdict["moved"]
     assert registry.aliases() == {"challenger": worse, "champion": better, "previous": first}
     reason = client.get_model_version("abair-restorer", worse).tags["abair.gate_reason"]
@@ -216,13 +261,13 @@ def test_gate_first_champion_then_pass_fail_and_rollback(store, checkpoints):
 
     # a lower average fails even with every task inside the tolerance
     (lower,) = fresh_versions(checkpoints, ("lower", metrics(average=26.4, rain=27.9, haze=24.8), "s"))
-    verdict = registry.promote(GATE, echo=echo)
+    verdict = gate.promote(GATE, echo=echo)
     assert not verdict["passed"] and verdict["reason"] == "average psnr -0.10 dB (26.40 vs 26.50)"
 
     # dry run: a table, no change, no tag
     (dry,) = fresh_versions(checkpoints, ("dry", metrics(average=30.0, rain=30.0, haze=30.0), "s"))
     lines.clear()
-    verdict = registry.promote(GATE, dry_run=True, echo=echo)
+    verdict = gate.promote(GATE, dry_run=True, echo=echo)
     out = "\n".join(lines)
     assert verdict["passed"] and not verdict["moved"] and "dry run" in out
     assert f"champion v{better}" in out and f"challenger v{dry}" in out and "known/rain" in out and "average" in out
@@ -230,12 +275,12 @@ def test_gate_first_champion_then_pass_fail_and_rollback(store, checkpoints):
     assert "abair.gate" not in client.get_model_version("abair-restorer", dry).tags
 
     # rollback: champion back to previous, previous cleared; a second rollback has nowhere to go
-    result = registry.rollback(echo=echo)
+    result = gate.rollback(echo=echo)
     assert result == {"champion": first, "replaced": better}
     assert registry.aliases() == {"challenger": dry, "champion": first}
     assert "abair.rolled_back" in client.get_model_version("abair-restorer", better).tags
     with pytest.raises(AbairError, match="no previous champion to roll back to"):
-        registry.rollback(echo=echo)
+        gate.rollback(echo=echo)
 
 
 def test_gate_reevaluates_when_the_suites_differ(store, checkpoints):
@@ -245,7 +290,7 @@ def test_gate_reevaluates_when_the_suites_differ(store, checkpoints):
     registry.registry_client().set_registered_model_alias("abair-restorer", "champion", old)
     # on the current suite (suite-2) the champion scores lower than its suite-1 tags said
     evaluator = FakeEvaluator("suite-2", metrics(average=24.0, rain=25.5, haze=24.0))
-    verdict = registry.promote(GATE, evaluator=evaluator, echo=lambda _: None)
+    verdict = gate.promote(GATE, evaluator=evaluator, echo=lambda _: None)
     assert evaluator.calls == [["adapters", "backbone.safetensors", "estimator.safetensors"]]  # the champion only
     assert verdict["reevaluated"] == {"champion": "suite-2"}
     assert verdict["passed"] and registry.aliases()["champion"] == new
@@ -289,8 +334,9 @@ def test_register_stage_registers_promotes_and_reports(store, tmp_path, tiny_sha
     (tmp_path / "metrics.json").write_text(json.dumps(metrics(average=30.0, rain=31.0, haze=30.0)))
     evaluator = FakeEvaluator("suite-stage")
     report = tmp_path / "registry.json"
-    result = registry.register_stage(str(project_params(tmp_path)), [], str(folder), str(tmp_path / "metrics.json"),
-                                     str(tiny_shards), str(report), evaluator=evaluator, echo=lambda _: None)
+    result = register_stage(str(project_params(tmp_path)), [], str(folder), str(tmp_path / "metrics.json"),
+                            str(tiny_shards), str(report), evaluator=evaluator, echo=lambda _: None,
+                            save_restorer=save_restorer)
     written = json.loads(report.read_text())
     assert written["restorer"]["version"] == result["restorer"]["version"] and written["restorer"]["created"]
     assert written["gate"]["passed"] and written["aliases"]["champion"] == result["restorer"]["version"]
@@ -301,8 +347,9 @@ def test_register_stage_registers_promotes_and_reports(store, tmp_path, tiny_sha
 
     # again with nothing changed: no new version, the champion stays
     count = len(versions("abair-restorer"))
-    again = registry.register_stage(str(project_params(tmp_path)), [], str(folder), str(tmp_path / "metrics.json"),
-                                     str(tiny_shards), str(report), evaluator=evaluator, echo=lambda _: None)
+    again = register_stage(str(project_params(tmp_path)), [], str(folder), str(tmp_path / "metrics.json"),
+                           str(tiny_shards), str(report), evaluator=evaluator, echo=lambda _: None,
+                           save_restorer=save_restorer)
     assert not again["restorer"]["created"] and len(versions("abair-restorer")) == count
     assert again["gate"]["reason"] == "already champion"
 
@@ -341,10 +388,12 @@ def test_add_degradation_grows_the_estimator_and_leaves_everything_else_byte_ide
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
 
-    base_registered = registry.register(base, metrics(), params="add-base", data="d", suite="s")["components"]
+    base_registered = register(base, metrics(), params="add-base", data="d", suite="s",
+                               save_restorer=save_restorer)["components"]
     out = tmp_path / "with-noise"
     result = add_degradation("noise", str(params_path), base=str(base), out=str(out), shards=str(tiny_shards),
-                             reports=str(tmp_path / "reports"), progress=False, echo=lambda _: None)
+                             reports=str(tmp_path / "reports"), progress=False, echo=lambda _: None,
+                             save_restorer=save_restorer)
 
     # the base is untouched, and its backbone and adapters are copied byte for byte
     assert {p.relative_to(base).as_posix(): file_sha256(p) for p in base.rglob("*.safetensors")} == base_hashes
@@ -372,6 +421,8 @@ def test_add_degradation_grows_the_estimator_and_leaves_everything_else_byte_ide
 
     with pytest.raises(AbairError, match="already has a 'noise' adapter"):
         add_degradation("noise", str(params_path), base=str(out), out=str(tmp_path / "again"), shards=str(tiny_shards),
-                        reports=str(tmp_path / "reports"), progress=False, echo=lambda _: None)
+                        reports=str(tmp_path / "reports"), progress=False, echo=lambda _: None,
+                        save_restorer=save_restorer)
     with pytest.raises(AbairError, match="unknown degradation"):
-        add_degradation("scratches", str(params_path), base=str(base), shards=str(tiny_shards), echo=lambda _: None)
+        add_degradation("scratches", str(params_path), base=str(base), shards=str(tiny_shards), echo=lambda _: None,
+                        save_restorer=save_restorer)

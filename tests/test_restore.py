@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.serve import restore
+from tasks.serve import inference, jpeg, restore
 import flows.registry  # noqa: F401  prefect's log handler binds to the stderr of its import: the session's, not a test's
 from flows.cli import main
 from tasks.core.errors import AbairError
@@ -85,7 +85,7 @@ def test_16_bit_output_matches_the_model_output_at_16_bit_precision(tmp_path, mo
     stored = (img * 65535 + 0.5).astype(np.uint16)
     path = write(tmp_path / "in" / "x.png", stored)
     restore.restore_files([str(path)], model=str(model_dir), out=tmp_path / "out", device="cpu", echo=lambda _: None)
-    expected, _ = restore.restore_rgb(restorer, stored.astype(np.float32) / 65535)
+    expected, _ = inference.restore_rgb(restorer, stored.astype(np.float32) / 65535)
     got = cv2.cvtColor(read(tmp_path / "out" / "x.png"), cv2.COLOR_BGR2RGB).astype(np.float32) / 65535
     assert np.abs(got - expected).max() <= 1.0 / 65535 + 1e-6
 
@@ -116,7 +116,7 @@ def test_jpeg_with_exif_orientation_is_restored_upright_at_its_quality(tmp_path,
     path.parent.mkdir()
     Image.fromarray(pixels).save(path, "JPEG", quality=83, exif=exif.tobytes())
     data = path.read_bytes()
-    assert restore.estimate_jpeg_quality(data) == 83
+    assert jpeg.estimate_jpeg_quality(data) == 83
 
     out = tmp_path / "out"
     restore.restore_files([str(path)], model=str(model_dir), out=out, device="cpu", echo=lambda _: None)
@@ -125,9 +125,9 @@ def test_jpeg_with_exif_orientation_is_restored_upright_at_its_quality(tmp_path,
     # exactly what restoring the upright pixels and writing them at quality 83 gives
     upright = restore.decode_image(data, "photo.jpg")
     assert upright.orientation == 6 and upright.jpeg_quality == 83
-    expected, _ = restore.restore_rgb(restorer, upright.rgb)
+    expected, _ = inference.restore_rgb(restorer, upright.rgb)
     assert (out / "photo.jpg").read_bytes() == restore.encode_like(expected, upright, ".jpg")
-    assert restore.estimate_jpeg_quality((out / "photo.jpg").read_bytes()) == 83
+    assert jpeg.estimate_jpeg_quality((out / "photo.jpg").read_bytes()) == 83
     assert restore.exif_orientation((out / "photo.jpg").read_bytes()) == 1
 
 
@@ -135,8 +135,8 @@ def test_jpeg_with_exif_orientation_is_restored_upright_at_its_quality(tmp_path,
 def test_jpeg_quality_is_estimated_from_the_quantisation_tables(quality):
     pixels = (ramp(16, 16) * 255).astype(np.uint8)
     ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok and restore.estimate_jpeg_quality(buf.tobytes()) == quality
-    assert restore.estimate_jpeg_quality(b"\x89PNG not a jpeg") is None
+    assert ok and jpeg.estimate_jpeg_quality(buf.tobytes()) == quality
+    assert jpeg.estimate_jpeg_quality(b"\x89PNG not a jpeg") is None
 
 
 def test_restoring_is_deterministic(tmp_path, model_dir):
@@ -149,7 +149,7 @@ def test_restoring_is_deterministic(tmp_path, model_dir):
 def test_large_images_run_in_tiles_and_keep_their_size(tmp_path, model_dir, restorer, monkeypatch):
     img = ramp(100, 140, seed=4)
     path = write(tmp_path / "big.png", (img * 255).astype(np.uint8))
-    whole, _ = restore.restore_rgb(restorer, (img * 255).astype(np.uint8).astype(np.float32) / 255, max_pixels=None)
+    whole, _ = inference.restore_rgb(restorer, (img * 255).astype(np.uint8).astype(np.float32) / 255, max_pixels=None)
     from models.backbone import TransformerBlock
 
     with monkeypatch.context() as patch:   # exact tiling: no transformer block runs on the whole image
@@ -214,9 +214,9 @@ def test_cli_prints_weights_and_throughput_and_reports_bad_images(tmp_path, mode
 
 
 def test_oh_mode_uses_one_adapter(tmp_path, model_dir, restorer):
-    _, weights = restore.restore_rgb(restorer, ramp(32, 32), mode="oh")
+    _, weights = inference.restore_rgb(restorer, ramp(32, 32), mode="oh")
     assert sorted(weights.values()) == [0.0, 1.0]
-    _, soft = restore.restore_rgb(restorer, ramp(32, 32), mode="sw")
+    _, soft = inference.restore_rgb(restorer, ramp(32, 32), mode="sw")
     assert abs(sum(soft.values()) - 1.0) < 1e-5 and all(0 < w < 1 for w in soft.values())
 
 

@@ -139,7 +139,8 @@ def test_mlflow_server_keeps_registered_models_on_s3(tmp_path, s3_endpoint, s3_b
     import time
     import urllib.request
 
-    from tasks.registry import store as registry
+    from tasks.registry.register import register
+    from tasks.serve.pyfunc import save_restorer
     from tests.conftest import make_components
 
     client, bucket = s3_bucket
@@ -164,8 +165,8 @@ def test_mlflow_server_keeps_registered_models_on_s3(tmp_path, s3_endpoint, s3_b
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         checkpoints = make_components(tmp_path / "checkpoints")
-        result = registry.register(checkpoints, {"summary/all/sw/psnr": 21.5}, params="p0", data="d0", suite="s0",
-                                   commit="c0")
+        result = register(checkpoints, {"summary/all/sw/psnr": 21.5}, params="p0", data="d0", suite="s0",
+                          commit="c0", save_restorer=save_restorer)
         assert result["restorer"]["created"]
         # The artifacts went through the server into the bucket, not onto this machine.
         keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="mlartifacts/")

@@ -1,1 +1,2 @@
-"""The MLflow model registry: versions, registration, the promotion gate, add-degradation."""
+"""The MLflow model registry: the store (client, references, aliases, downloads), registering
+components and the restorer, the promotion gate, and add-degradation."""

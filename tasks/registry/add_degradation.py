@@ -25,9 +25,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import degradations
+from models.estimator import load_estimator, save_estimator
+from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
 from tasks.core.errors import AbairError
 from tasks.core.params import apply_overrides, load_params, params_hash
-from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
+from tasks.core.storage import atomic_dir, atomic_path
+from tasks.registry import gate, store
+from tasks.registry import register as registration
+from tasks.registry.register import SaveRestorer
+from tasks.train.adapters import train_adapter
+from tasks.train.estimator import train_estimator
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,6 @@ def effective_params(params_path: str, overrides: list[str] | tuple = (), name: 
 
 
 def check_name(name: str, data: str | None) -> None:
-    import degradations
-
     if name not in degradations.names():
         raise AbairError(name, f"unknown degradation; adapters train for the library's degradations "
                                f"({', '.join(degradations.names())}), from synthetic samples or a paired folder (--data)")
@@ -66,24 +72,19 @@ def check_name(name: str, data: str | None) -> None:
 def prepare(name: str, base: str, stage: str | Path) -> dict:
     """Stage the base's backbone and adapters, and the base estimator grown to K+1 outputs.
     Returns the sha256 of every staged base file (what `check` compares against)."""
-    from models.estimator import load_estimator, save_estimator
-    from tasks.registry.store import components_dir
-
     stage = Path(stage)
     shutil.rmtree(stage, ignore_errors=True)
     (stage / ADAPTER_DIR).mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="abair-base-") as tmp:
         if base.startswith("models:/"):
-            from tasks.registry import store as registry
-
-            version = registry.resolve(base)
-            if version.name != registry.RESTORER:
-                raise AbairError(base, f"is a {version.name} version; the base must be an {registry.RESTORER} model")
-            folder = registry.download_components(version, Path(tmp) / "base")
+            version = store.resolve(base)
+            if version.name != store.RESTORER:
+                raise AbairError(base, f"is a {version.name} version; the base must be an {store.RESTORER} model")
+            folder = store.download_components(version, Path(tmp) / "base")
         else:
             if not Path(base).exists():
                 raise AbairError(base, "base model folder not found")
-            folder = components_dir(base)
+            folder = store.components_dir(base)
         if not (folder / ESTIMATOR_FILE).is_file():
             raise AbairError(folder / ESTIMATOR_FILE, "the base has no estimator to grow")
         old = adapter_files(folder / ADAPTER_DIR)
@@ -109,8 +110,6 @@ def prepare(name: str, base: str, stage: str | Path) -> dict:
 
 def train_new_adapter(params: dict, name: str, stage: str | Path, shards: str, reports: str,
                       progress: bool = True) -> dict:
-    from tasks.train.adapters import train_adapter
-
     stage = Path(stage)
     summary = train_adapter(params["adapters"], name, backbone_path=str(stage / BACKBONE_FILE), shards=shards,
                             out_dir=str(stage / ADAPTER_DIR), reports=str(Path(reports) / "adapters"), force=True,
@@ -119,8 +118,6 @@ def train_new_adapter(params: dict, name: str, stage: str | Path, shards: str, r
 
 
 def refit_estimator(params: dict, stage: str | Path, shards: str, reports: str, progress: bool = True) -> dict:
-    from tasks.train.estimator import train_estimator
-
     stage = Path(stage)
     summary = train_estimator(params["estimator"], backbone_path=str(stage / BACKBONE_FILE),
                               adapters_dir=str(stage / ADAPTER_DIR), shards=shards, out=str(stage / ESTIMATOR_FILE),
@@ -140,8 +137,6 @@ def check_unchanged(stage: str | Path, hashes: dict[str, str]) -> dict:
 
 def publish(stage: str | Path, out: str | Path) -> Path:
     """The staging folder becomes `out` in one rename (an older `out` is replaced whole)."""
-    from tasks.core.storage import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         tmp.rmdir()
@@ -152,18 +147,17 @@ def publish(stage: str | Path, out: str | Path) -> Path:
 def add_degradation(name: str, params_path: str = "params.yaml", overrides: list[str] | tuple = (),
                     data: str | None = None, base: str = "checkpoints", out: str | Path | None = None,
                     shards: str = "data/shards", reports: str | None = None, register: bool = True,
-                    promote: bool = False, evaluator=None, progress: bool = True,
-                    echo: Callable[[str], None] = print) -> dict:
-    """The whole flow as plain calls (the Prefect flow runs the same steps as tasks)."""
-    from tasks.registry import store as registry
-
+                    promote: bool = False, evaluator: gate.Evaluator | None = None, progress: bool = True,
+                    echo: Callable[[str], None] = print, *, save_restorer: SaveRestorer) -> dict:
+    """The whole flow as plain calls (the Prefect flow runs the same steps as tasks).
+    save_restorer writes the restorer's pyfunc model folder (tasks.serve.pyfunc.save_restorer)."""
     check_name(name, data)
     out = Path(out or default_out(name))
     if Path(base).resolve() == out.resolve():
         raise AbairError("--out", "must differ from --base (the base components are never modified)")
     reports = reports or f"reports/add-degradation/{name}"
     params = effective_params(params_path, overrides, name, data)
-    evaluator = evaluator or registry.Evaluator()
+    evaluator = evaluator or gate.Evaluator()
     stage = staging_dir(out)
 
     prepared = prepare(name, base, stage)
@@ -173,30 +167,29 @@ def add_degradation(name: str, params_path: str = "params.yaml", overrides: list
     metrics = evaluator.evaluate(params.get("evaluate") or {}, str(stage), shards)
     published = publish(stage, out)
     result = finish(name, params, published, metrics, shards, reports, prepared, adapter, estimator, unchanged,
-                    register, promote, evaluator, echo)
+                    register, promote, evaluator, echo, save_restorer)
     return result
 
 
 def finish(name: str, params: dict, out: Path, metrics: dict, shards: str, reports: str, prepared: dict, adapter: dict,
-           estimator: dict, unchanged: dict, register: bool, promote: bool, evaluator, echo) -> dict:
+           estimator: dict, unchanged: dict, register: bool, promote: bool, evaluator: gate.Evaluator,
+           echo: Callable[[str], None], save_restorer: SaveRestorer) -> dict:
     """Write the report, register and (optionally) run the gate."""
-    from tasks.registry import store as registry
-    from tasks.core.storage import atomic_path
-
     result = {"name": name, "out": str(out), "base": prepared["base"], "outputs": prepared["outputs_before"] + 1,
               "adapter": adapter, "estimator": estimator, "unchanged": unchanged["unchanged"], "metrics": metrics}
     if register:
-        params_key = params_hash({"training": registry.training_params_hash(params), "added": name,
+        params_key = params_hash({"training": registration.training_params_hash(params), "added": name,
                                   "data": (params["adapters"].get("data") or {}).get(name)})
-        result["registered"] = registry.register(out, metrics, params=params_key,
-                                                 data=registry.data_fingerprint(shards, out),
-                                                 suite=evaluator.suite(params.get("evaluate") or {}, shards))
+        result["registered"] = registration.register(out, metrics, params=params_key,
+                                                     data=registration.data_fingerprint(shards, out),
+                                                     suite=evaluator.suite(params.get("evaluate") or {}, shards),
+                                                     save_restorer=save_restorer)
         version = result["registered"]["restorer"]["version"]
-        echo(f"registered: {registry.RESTORER} version {version} (challenger) with adapters "
+        echo(f"registered: {store.RESTORER} version {version} (challenger) with adapters "
              f"{', '.join(label.split('.', 1)[1] for label in result['registered']['components'] if label.startswith('adapter.'))}")
         if promote:
-            result["gate"] = registry.promote(params["register"]["gate"], eval_cfg=params.get("evaluate") or {},
-                                              shards=shards, evaluator=evaluator, echo=echo)
+            result["gate"] = gate.promote(params["register"]["gate"], eval_cfg=params.get("evaluate") or {},
+                                          shards=shards, evaluator=evaluator, echo=echo)
     with atomic_path(Path(reports) / "add_degradation.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str))
     echo(f"{name}: one new adapter, estimator {prepared['outputs_before']} -> {prepared['outputs_before'] + 1} outputs; "

@@ -1,1 +1,2 @@
-"""Serving: inference on images, the `abair restore` command, the MLflow pyfunc."""
+"""Serving: inference on images, the `abair restore` command (with JPEG quality estimation), the
+MLflow pyfunc."""

@@ -5,8 +5,9 @@
 
 The model folder holds the component files as pyfunc artifacts, in the checkpoints/ layout
 (artifacts/backbone.safetensors, artifacts/adapters/*.safetensors, artifacts/estimator.safetensors),
-and a snapshot of the `models` and `tasks` packages (code_paths), so it loads in a process that
-has torch, mlflow, safetensors and OpenCV but not this project.
+and a snapshot of the `models` package and of the few `tasks` modules the model class runs
+(code_paths), so it loads in a process that has torch, mlflow, safetensors and OpenCV but not
+this project. The registry writes it through `save_restorer`, which its callers pass in.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
+from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
+from tasks.serve.inference import DEFAULT_MAX_PIXELS, load_restorer, restore_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_PACKAGES = ("models", "tasks")
-DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": 512 * 512, "tiling": "exact"}
+# What the model class imports at load and predict time: bundled beside the whole `models`
+# package, and nothing else of `tasks` (no training, evaluation or registry code in a model).
+SERVING_CODE = ("tasks/__init__.py", "tasks/core/__init__.py", "tasks/core/errors.py", "tasks/core/device.py",
+                "tasks/core/components.py", "tasks/serve/__init__.py", "tasks/serve/inference.py",
+                "tasks/serve/pyfunc.py")
+DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": DEFAULT_MAX_PIXELS, "tiling": "exact"}
 # What the model folder needs at load time besides its bundled code (versions as in pyproject).
 PIP_REQUIREMENTS = ["torch==2.13.0", "mlflow==3.17.2", "safetensors>=0.4", "numpy>=1.26", "opencv-python-headless>=4.9",
                     "boto3>=1.34"]
@@ -49,20 +56,15 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
     """predict(image or list of images, params={"mode": "sw" | "oh"}) -> restored uint8 image(s)."""
 
     def load_context(self, context):
-        from tasks.core.device import pick_device
-        from tasks.core.components import load_system
-
         config = {**DEFAULT_CONFIG, **(context.model_config or {})}
         self.mode = config["mode"]
         self.max_pixels = config["max_pixels"]
         self.tiling = config["tiling"]
-        self.restorer = load_system(context.artifacts["backbone"], context.artifacts["adapters"],
-                                    context.artifacts["estimator"], pick_device(config["device"]))
+        self.restorer = load_restorer(context.artifacts["backbone"], context.artifacts["adapters"],
+                                      context.artifacts["estimator"], config["device"])
 
     # np.ndarray tells MLflow not to derive a schema from the hint: the signature is the schema
     def predict(self, context, model_input: np.ndarray, params=None):
-        from tasks.serve.restore import restore_rgb
-
         mode = (params or {}).get("mode") or self.mode
         if mode not in ("sw", "oh"):
             raise ValueError(f"mode must be sw or oh, got {mode!r}")
@@ -79,19 +81,17 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
 
 
 def _stage_code(folder: Path) -> list[str]:
-    """Copies of the packages without caches (code_paths copies folders verbatim)."""
-    paths = []
-    for package in CODE_PACKAGES:
-        target = folder / package
-        shutil.copytree(ROOT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        paths.append(str(target))
-    return paths
+    """The `models` package and the serving modules of `tasks`, without caches, as code_paths
+    (which copies folders verbatim)."""
+    shutil.copytree(ROOT / "models", folder / "models", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for relpath in SERVING_CODE:
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / relpath, folder / relpath)
+    return [str(folder / "models"), str(folder / "tasks")]
 
 
 def save_restorer(checkpoints: str | Path, path: str | Path, metadata: dict | None = None) -> Path:
     """Write the pyfunc model folder for the components in `checkpoints` to `path` (must not exist)."""
-    from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
-
     checkpoints = Path(checkpoints)
     artifacts = {"backbone": checkpoints / BACKBONE_FILE, "adapters": checkpoints / ADAPTER_DIR,
                  "estimator": checkpoints / ESTIMATOR_FILE}
@@ -101,7 +101,7 @@ def save_restorer(checkpoints: str | Path, path: str | Path, metadata: dict | No
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
-    # the model class is pickled by reference to tasks.pyfunc (bundled below), not by value, so
+    # the model class is pickled by reference to tasks.serve.pyfunc (bundled below), not by value, so
     # MLflow's warning about pickled code does not apply
     pyfunc_log.setLevel(logging.ERROR)
     try:

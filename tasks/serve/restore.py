@@ -25,16 +25,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.core import imageio
-
-from tasks.core import storage
+from tasks.core import imageio, storage
+from tasks.core.components import load_system_dir
 from tasks.core.errors import AbairError
+from tasks.registry import store
+from tasks.serve.inference import DEFAULT_MAX_PIXELS, restore_rgb
+from tasks.serve.jpeg import estimate_jpeg_quality
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "models:/abair-restorer@champion"
-# Per-tile pixel budget: 512 x 512 tiles keep the `large` backbone under a few GB of activations.
-DEFAULT_MAX_PIXELS = 512 * 512
+DEFAULT_MODEL = f"models:/{store.RESTORER}@{store.CHAMPION}"
 # Used when a JPEG's quantisation tables cannot be read.
 DEFAULT_JPEG_QUALITY = 95
 MIN_SIDE = 2
@@ -46,39 +46,22 @@ MIN_SIDE = 2
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
     """(Restorer, description) from a registry reference or a local folder."""
-    from tasks.core.components import load_system_dir
+    # torch comes in here, not on import: the CLI's parser imports this module for its defaults
     from tasks.core.device import pick_device
 
     torch_device = pick_device(device, where="--device")
     if spec.startswith("models:/"):
-        from tasks.registry import store as registry
-
-        version = registry.resolve(spec)
-        if version.name != registry.RESTORER:
-            raise AbairError(spec, f"is a {version.name} version; restoring needs an {registry.RESTORER} model")
+        version = store.resolve(spec)
+        if version.name != store.RESTORER:
+            raise AbairError(spec, f"is a {version.name} version; restoring needs an {store.RESTORER} model")
         with tempfile.TemporaryDirectory(prefix="abair-model-") as tmp:
-            folder = registry.download_components(version, Path(tmp) / "checkpoints")
+            folder = store.download_components(version, Path(tmp) / "checkpoints")
             restorer = load_system_dir(folder, torch_device)
         return restorer, f"{spec} ({version.name} version {version.version})"
     path = Path(spec)
     if not path.exists():
         raise AbairError(spec, "no such model folder (and not a models:/ URI)")
-    from tasks.registry.store import components_dir
-
-    return load_system_dir(components_dir(path), torch_device), str(path)
-
-
-def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                tiling: str = "exact") -> tuple[np.ndarray, dict[str, float]]:
-    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight})."""
-    import torch
-
-    device = next(restorer.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
-    restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels, tiling=tiling)
-    out = restored[0].permute(1, 2, 0).float().cpu().numpy()
-    used = {} if weights is None else {n: float(w) for n, w in zip(restorer.names, weights[0].cpu().tolist())}
-    return out, used
+    return load_system_dir(store.components_dir(path), torch_device), str(path)
 
 
 def format_weights(weights: dict[str, float]) -> str:
@@ -126,75 +109,6 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
         8: lambda a: np.rot90(a, 1),
     }
     return np.ascontiguousarray(ops[orientation](pixels))
-
-
-def jpeg_quant_tables(data: bytes) -> dict[int, tuple[int, ...]]:
-    """Quantisation tables (id -> 64 values, file order) from a JPEG's DQT segments."""
-    tables: dict[int, tuple[int, ...]] = {}
-    if data[:2] != b"\xff\xd8":
-        return tables
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            break
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        if marker == 0xDA:  # start of scan: no tables after this
-            break
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
-        if marker == 0xDB:
-            i = 0
-            while i < len(segment):
-                precision, table_id = segment[i] >> 4, segment[i] & 0x0F
-                size = 128 if precision else 64
-                raw = segment[i + 1:i + 1 + size]
-                if len(raw) < size:
-                    break
-                values = raw if not precision else [int.from_bytes(raw[k:k + 2], "big") for k in range(0, 128, 2)]
-                tables[table_id] = tuple(values)
-                i += 1 + size
-        pos += 2 + length
-    return tables
-
-
-_REFERENCE_TABLES: dict[int, tuple[int, ...]] = {}
-
-
-def _reference_table(quality: int) -> tuple[int, ...]:
-    """The luminance table OpenCV's libjpeg writes at `quality`."""
-    if quality not in _REFERENCE_TABLES:
-        ok, buf = cv2.imencode(".jpg", np.zeros((8, 8), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        _REFERENCE_TABLES[quality] = jpeg_quant_tables(buf.tobytes()).get(0, ())
-    return _REFERENCE_TABLES[quality]
-
-
-def estimate_jpeg_quality(data: bytes) -> int | None:
-    """The IJG quality (1-100) whose luminance table is nearest the file's; None without tables.
-
-    Exact for files written by libjpeg-based encoders (OpenCV, Pillow, most cameras' software);
-    for custom tables it is the closest standard quality, which keeps the file size about the same.
-    """
-    table = jpeg_quant_tables(data).get(0)
-    if not table:
-        return None
-    ours = np.asarray(table, np.int64)
-    best, best_err = None, None
-    for quality in range(1, 101):
-        reference = np.asarray(_reference_table(quality), np.int64)
-        if reference.shape != ours.shape:
-            continue
-        err = int(np.abs(reference - ours).sum())
-        if best_err is None or err < best_err:
-            best, best_err = quality, err
-        if err == 0:
-            break
-    return best
 
 
 def is_jpeg(path: str | Path) -> bool:

@@ -1,0 +1,223 @@
+"""Running the evaluation modes on a set, and the flat metrics dict (metrics.json) they add up to.
+
+Modes, all on the same images:
+
+    input            the degraded input itself
+    none             the backbone alone
+    adapter_<name>   the backbone with that one adapter
+    oh, sw           the estimator's one-hot choice / soft blend (ABAIR)
+    oracle           the set's task adapters, uniform weights (absent when none exists)
+
+metrics.json has flat `<group>/<set>/<mode>/<metric>` keys plus per-group summaries, the
+estimator's accuracy and the parameter counts; summary.json is its short view (DVC's metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tasks.core import imageio
+from tasks.core.metrics import image_metrics
+from tasks.evaluate.sets import GROUPS, LoadedSet, SetSpec
+
+DECIMALS = 4
+# summary.json: the served mode, compared with the degraded input.
+SERVED_MODE = "sw"
+
+
+def rounded(value: float) -> float:
+    return round(float(value), DECIMALS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the modes
+
+
+def adapter_names(restorer) -> list[str]:
+    """Adapters the restorer can weight (its weight columns); none without an adapter bank."""
+    if getattr(restorer, "bank", True) is None:
+        return []
+    return list(getattr(restorer, "names", []) or [])
+
+
+def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Sequence[str]) -> list[tuple[str, str, tuple | None]]:
+    """(mode key, Restorer mode, weights) in report order; `input` has no restorer call.
+
+    One adapter alone runs as Restorer mode "oh" with one-hot weights: the same function as a
+    weight of 1 on that adapter, but a LoRA adapter is merged into the backbone for the pass,
+    which makes it as fast as the backbone alone. An oracle with one right adapter is that same
+    call (and so runs once); with several it blends them through mode "oracle"."""
+    def one_hot(name: str) -> tuple[float, ...]:
+        return tuple(1.0 if n == name else 0.0 for n in names)
+
+    plan: list[tuple[str, str, tuple | None]] = []
+    if "input" in modes:
+        plan.append(("input", "input", None))
+    if "none" in modes:
+        plan.append(("none", "none", None))
+    if "adapters" in modes:
+        plan += [(f"adapter_{name}", "oh", one_hot(name)) for name in names]
+    if has_estimator:
+        plan += [(mode, mode, None) for mode in ("oh", "sw") if mode in modes]
+    right = [n for n in spec.task if n in names]
+    if "oracle" in modes and len(right) == 1:
+        plan.append(("oracle", "oh", one_hot(right[0])))
+    elif "oracle" in modes and right:
+        plan.append(("oracle", "oracle", tuple(1.0 / len(right) if n in right else 0.0 for n in names)))
+    return plan
+
+
+@dataclass
+class SetResult:
+    spec: SetSpec
+    images: int
+    sizes: list[tuple[int, int]]
+    per_image: dict[str, dict[str, list[float]]]            # mode -> metric -> values
+    predictions: list[str] = field(default_factory=list)    # estimator argmax per image
+    strips: dict[str, list[np.ndarray]] = field(default_factory=dict)   # input / output / target
+    strip_mode: str | None = None
+
+    def mean(self, mode: str, metric: str) -> float:
+        return float(np.mean(self.per_image[mode][metric]))
+
+
+def _batches(shapes: Sequence[tuple], batch: int) -> list[list[int]]:
+    """Runs of consecutive same-size images, at most `batch` long."""
+    out: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        if out and len(out[-1]) < batch and shapes[out[-1][0]] == shape:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _stack(images: list[np.ndarray], device) -> torch.Tensor:
+    array = np.stack(images).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def _estimator_weights(restorer, done: dict, x: torch.Tensor, names: list[str], temperature):
+    """The estimator's weights for a batch: from the SW (or OH) pass when one ran, else asked directly."""
+    weights = (done.get(("sw", None)) or done.get(("oh", None)) or (None, None))[1]
+    if weights is None and names and getattr(restorer, "estimator", None) is not None:
+        with torch.no_grad():
+            weights = restorer.estimator.weights(x, "sw", temperature)
+    return weights
+
+
+def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None) -> SetResult:
+    names = adapter_names(restorer)
+    y_channel = bool(cfg.get("y_channel", False))
+    max_pixels = cfg.get("max_pixels")
+    temperature = cfg.get("temperature") or getattr(restorer, "temperature", 1.0)
+    n_strips = int(cfg.get("strips", 3))
+    strip_mode = next((m for m in ("sw", "oh", "oracle", "none") if any(p[0] == m for p in plan)), None)
+    per_image: dict[str, dict[str, list[float]]] = {key: {} for key, _, _ in plan}
+    predictions: list[str] = []
+    strips: dict[str, list[np.ndarray]] = {"input": [], "output": [], "target": []}
+    for batch in _batches([x.shape for x in loaded.inputs], int(cfg.get("batch", 8))):
+        x = _stack([loaded.inputs[i] for i in batch], device)
+        y = _stack([loaded.targets[i] for i in batch], device)
+        done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for key, mode, weights in plan:
+            if mode == "input":
+                out = x
+            else:
+                call = (mode, weights)
+                if call not in done:
+                    done[call] = restorer.restore(x, mode=mode, weights=None if weights is None else list(weights),
+                                                  temperature=temperature, max_pixels=max_pixels)
+                    if bar is not None:
+                        bar.update(len(batch))
+                out, _ = done[call]
+            for metric, values in image_metrics(out, y, y_channel).items():
+                per_image[key].setdefault(metric, []).extend(values)
+            if key == strip_mode and len(strips["output"]) < n_strips:
+                take = batch[:n_strips - len(strips["output"])]
+                strips["output"].extend(imageio.to_uint8(out[j].permute(1, 2, 0).cpu().numpy()) for j in range(len(take)))
+                strips["input"].extend(loaded.inputs[i] for i in take)
+                strips["target"].extend(loaded.targets[i] for i in take)
+        est_weights = _estimator_weights(restorer, done, x, names, temperature)
+        if est_weights is not None:
+            predictions.extend(names[int(k)] for k in est_weights.argmax(dim=1).cpu())
+    return SetResult(loaded.spec, len(loaded.inputs), loaded.sizes, per_image, predictions, strips, strip_mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# The metrics dict
+
+
+def estimator_confusion(results: list[SetResult], names: list[str]) -> dict:
+    """Rows: known single-adapter sets (scored) then unseen single-degradation sets (shown only)."""
+    rows = []
+    for res in results:
+        if not res.predictions or len(res.spec.task) != 1:
+            continue
+        if res.spec.group == "known" and res.spec.task[0] in names:
+            rows.append({"set": res.spec.name, "group": "known", "truth": res.spec.task[0],
+                         "counts": [res.predictions.count(n) for n in names]})
+        elif res.spec.group == "unseen":
+            rows.append({"set": res.spec.name, "group": "unseen", "truth": res.spec.task[0],
+                         "counts": [res.predictions.count(n) for n in names]})
+    scored = [r for r in rows if r["group"] == "known"]
+    correct = sum(r["counts"][names.index(r["truth"])] for r in scored)
+    total = sum(sum(r["counts"]) for r in scored)
+    return {"names": names, "rows": rows, "correct": correct, "total": total,
+            "accuracy": correct / total if total else None}
+
+
+def build_metrics(results: list[SetResult], counts: dict, confusion: dict | None) -> dict:
+    """The flat metrics dict (metrics.json): keys sorted, values rounded."""
+    flat: dict[str, float | int] = {}
+    metric_names = sorted({m for r in results for v in r.per_image.values() for m in v})
+    for res in results:
+        prefix = f"{res.spec.group}/{res.spec.name}"
+        flat[f"sets/{prefix}/images"] = res.images
+        for mode, values in res.per_image.items():
+            for metric in values:
+                flat[f"{prefix}/{mode}/{metric}"] = rounded(res.mean(mode, metric))
+    for scope in (*GROUPS, "all"):
+        members = [r for r in results if scope == "all" or r.spec.group == scope]
+        modes = {m for r in members for m in r.per_image}
+        for mode in modes:
+            for metric in metric_names:
+                values = [r.mean(mode, metric) for r in members if metric in r.per_image.get(mode, {})]
+                if values:
+                    flat[f"summary/{scope}/{mode}/{metric}"] = rounded(np.mean(values))
+    if confusion is not None and confusion["accuracy"] is not None:
+        flat["estimator/accuracy"] = rounded(confusion["accuracy"])
+        flat["estimator/images"] = confusion["total"]
+        for row in confusion["rows"]:
+            if row["group"] == "known":
+                hits = row["counts"][confusion["names"].index(row["truth"])]
+                flat[f"estimator/known/{row['set']}/accuracy"] = rounded(hits / max(sum(row["counts"]), 1))
+    flat["params/backbone"] = int(counts["backbone"])
+    flat["params/adapters"] = int(counts["adapters"])
+    flat["params/estimator"] = int(counts["estimator"])
+    flat["params/total"] = int(counts["total"])
+    for name, n in counts.get("per_adapter", {}).items():
+        flat[f"params/adapter/{name}"] = int(n)
+    return dict(sorted(flat.items()))
+
+
+def summary_metrics(metrics: dict) -> dict:
+    """summary.json from the flat metrics: per group (and all) the served mode's mean PSNR and
+    SSIM and its PSNR gain over the degraded input, plus the estimator's accuracy. What was not
+    measured (a group without sets, no estimator, a mode left out) is left out."""
+    summary: dict = {}
+    for scope in (*GROUPS, "all"):
+        served = {metric: metrics.get(f"summary/{scope}/{SERVED_MODE}/{metric}") for metric in ("psnr", "ssim")}
+        entry = {f"{SERVED_MODE}_{metric}": value for metric, value in served.items() if value is not None}
+        degraded = metrics.get(f"summary/{scope}/input/psnr")
+        if served["psnr"] is not None and degraded is not None:
+            entry[f"{SERVED_MODE}_psnr_gain"] = rounded(served["psnr"] - degraded)
+        if entry:
+            summary[scope] = entry
+    if "estimator/accuracy" in metrics:
+        summary["estimator"] = {"accuracy": metrics["estimator/accuracy"]}
+    return summary

@@ -46,10 +46,3 @@ def get(name: str) -> ModuleType:
 
 def names() -> list[str]:
     return list(REGISTRY)
-
-
-def draw(img, rng, name: str, bounds: tuple[float, float] = (0.0, 1.0)):
-    """`name` at a severity drawn uniformly from `bounds`: (degraded, record). See composite.draw."""
-    from degradations.composite import draw as draw_one
-
-    return draw_one(img, rng, name, bounds)

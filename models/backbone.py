@@ -1,4 +1,4 @@
-"""Restormer-family encoder-decoder: ABAIR's restoration backbone.
+"""Restormer-family encoder-decoder: ABAIR's restoration backbone (the architecture only).
 
 Restormer (Zamir et al., CVPR 2022): transformer blocks of multi-Dconv head transposed attention
 (MDTA, attention across channels, so its cost is linear in the pixel count) and a gated-Dconv FFN
@@ -7,30 +7,25 @@ blocks and a global residual. Optional PromptIR (Potlapalli et al., NeurIPS 2023
 sit at the three decoder levels. ABAIR adds a per-pixel degradation-segmentation head on the last
 features for Phase I; it is dropped afterwards and never changes a restored pixel.
 
-Adapters attach by module name (see models/adapters.py): every TransformerBlock has
-`.attn.qkv`, `.attn.project_out`, `.ffn.project_in`, `.ffn.project_out` (1x1 convolutions) and
-`.ffn` (the module AdaptIR runs beside).
+Adapters attach by module name (see models/adapters/): every TransformerBlock has `.attn.qkv`,
+`.attn.project_out`, `.ffn.project_in`, `.ffn.project_out` (1x1 convolutions) and `.ffn` (the
+module AdaptIR runs beside). Tiled inference is models/tiling.py; the fingerprint and the
+checkpoint file are models/identity.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import (CheckpointError, check_tensors, merge_metadata, metadata_json, read_checkpoint,
-                               save_atomic)
+from models.tiling import BlockRunner, block_runner
 
-BACKBONE_FORMAT = "abair-backbone"
 SIZE_MULTIPLE = 8  # three 2x downsamplings
 
 
@@ -157,6 +152,8 @@ class GDFN(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm MDTA then GDFN, each with a residual (models.tiling.forward_tiled: the same in tiles)."""
+
     def __init__(self, dim: int, heads: int, expansion: float, bias: bool):
         super().__init__()
         self.norm1 = LayerNorm2d(dim)
@@ -167,45 +164,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
-
-    def forward_tiled(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        """forward() holding the block's wide maps (3C for attention, 2 x hidden in the FFN) for
-        one side x side tile at a time; only x and the output are whole. Equal to forward() up to
-        float summation order, at every pixel.
-
-        MDTA's attention is global over the pixels, so it takes two passes over the tiles: the
-        first sums Q K^T and the squared norms of Q and K, the second applies the softmax to each
-        tile's V. Everything else is per pixel or a 3x3 depthwise conv (one pixel of halo).
-        """
-        tiles = halo_tiles(x.shape[-2], x.shape[-1], side, halo=1)
-
-        def qkv_of(tile: HaloTile) -> list[torch.Tensor]:                     # 3 x B x heads x c x tile pixels
-            return self.attn.split_heads(self.attn.qkv_dwconv(self.attn.qkv(self.norm1(x[tile.region])))[tile.inner])
-
-        gram = q_sq = k_sq = None
-        for tile in tiles:
-            q, k, _ = qkv_of(tile)
-            q, k = q.float(), k.float()   # sums over many tiles: float32 even under bf16 autocast
-            sums = (q @ k.transpose(-2, -1), q.square().sum(-1), k.square().sum(-1))
-            gram, q_sq, k_sq = sums if gram is None else (gram + sums[0], q_sq + sums[1], k_sq + sums[2])
-        attn = self.attn.attention_from_sums(gram, q_sq, k_sq)                 # B x heads x c x c
-
-        y = torch.empty_like(x)
-        for tile in tiles:
-            _, _, v = qkv_of(tile)
-            b, c, h, w = y[tile.out].shape
-            y[tile.out] = x[tile.out] + self.attn.project_out((attn.to(v.dtype) @ v).reshape(b, c, h, w))
-
-        # AdaptIR adapters beside the FFN take an FFT of their whole (K x hidden channel) map
-        adapter_delta = getattr(self.ffn, "adapter_delta", None)
-        delta = adapter_delta(self.norm2(y)) if adapter_delta is not None else None
-        ffn = self.ffn.base_layer if adapter_delta is not None else self.ffn
-        out = torch.empty_like(y)
-        for tile in tiles:
-            out[tile.out] = y[tile.out] + ffn(self.norm2(y[tile.region]))[tile.inner]
-            if delta is not None:
-                out[tile.out] += delta[tile.out].to(out.dtype)
-        return out
 
 
 def transformer_stage(count: int, dim: int, heads: int, expansion: float, bias: bool) -> nn.Sequential:
@@ -261,35 +219,6 @@ class SegmentationHead(nn.Sequential):
                          nn.Conv2d(channels // 2, classes, 1))
 
 
-@dataclass(frozen=True)
-class HaloTile:
-    """One tile of a feature map, as index tuples for B x C x H x W tensors."""
-    region: tuple   # the tile grown by the halo, clipped to the map
-    inner: tuple    # the tile inside `region`
-    out: tuple      # the tile inside the map
-
-
-def halo_tiles(height: int, width: int, side: int, halo: int) -> list[HaloTile]:
-    """Tiles of at most side x side covering the map, equal in size to within a pixel. Operations
-    that reach `halo` pixels, run on `region` with their own zero padding, are exact on `inner`:
-    inside the map the halo supplies the neighbours, at its border the padding is the same as
-    for the whole map."""
-    def cuts(size: int) -> list[tuple[int, int]]:
-        count = math.ceil(size / side)
-        edges = [round(i * size / count) for i in range(count + 1)]
-        return list(zip(edges[:-1], edges[1:]))
-
-    tiles = []
-    for y0, y1 in cuts(height):
-        for x0, x1 in cuts(width):
-            ry0, rx0 = max(y0 - halo, 0), max(x0 - halo, 0)
-            ry1, rx1 = min(y1 + halo, height), min(x1 + halo, width)
-            tiles.append(HaloTile((..., slice(ry0, ry1), slice(rx0, rx1)),
-                                  (..., slice(y0 - ry0, y1 - ry0), slice(x0 - rx0, x1 - rx0)),
-                                  (..., slice(y0, y1), slice(x0, x1))))
-    return tiles
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
     """Pad bottom/right to a multiple of `multiple`: reflect where the image is large enough."""
     h, w = x.shape[-2:]
@@ -342,36 +271,31 @@ class Backbone(nn.Module):
 
         self.seg_head = SegmentationHead(dim * 2, config.seg_classes) if config.seg_classes > 0 else None
 
-    def features(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, run_block: BlockRunner | None = None) -> torch.Tensor:
         """B x 3 x H x W (H, W multiples of 8) -> B x 2C x H x W, the refinement output.
-        tile: run every transformer block in tiles (TransformerBlock.forward_tiled)."""
+        run_block(block, x): how to run each transformer block (default: block(x); tiled
+        inference passes models.tiling.block_runner)."""
         def stage(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             for block in blocks:
-                x = block(x) if tile is None else run_tiled(block, x)
+                x = block(x) if run_block is None else run_block(block, x)
             return x
 
-        def run_tiled(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
-            # the same tile memory (channels x pixels) at every level
-            width = block.norm1.weight.numel()
-            return block.forward_tiled(x, max(16, round(tile * math.sqrt(self.config.dim / width))))
-
-        prompt_block = None if tile is None else run_tiled
         enc1 = stage(self.encoder_level1, self.patch_embed(x))           # B x C x H x W
         enc2 = stage(self.encoder_level2, self.down1_2(enc1))            # B x 2C x H/2 x W/2
         enc3 = stage(self.encoder_level3, self.down2_3(enc2))            # B x 4C x H/4 x W/4
         latent = stage(self.latent, self.down3_4(enc3))                  # B x 8C x H/8 x W/8
         if self.prompt3 is not None:
-            latent = self.prompt3(latent, prompt_block)
+            latent = self.prompt3(latent, run_block)
 
         dec3 = torch.cat([self.up4_3(latent), enc3], dim=1)             # B x 8C x H/4 x W/4
         dec3 = stage(self.decoder_level3, self.reduce_chan_level3(dec3))  # B x 4C x H/4 x W/4
         if self.prompt2 is not None:
-            dec3 = self.prompt2(dec3, prompt_block)
+            dec3 = self.prompt2(dec3, run_block)
 
         dec2 = torch.cat([self.up3_2(dec3), enc2], dim=1)               # B x 4C x H/2 x W/2
         dec2 = stage(self.decoder_level2, self.reduce_chan_level2(dec2))  # B x 2C x H/2 x W/2
         if self.prompt1 is not None:
-            dec2 = self.prompt1(dec2, prompt_block)
+            dec2 = self.prompt1(dec2, run_block)
 
         dec1 = torch.cat([self.up2_1(dec2), enc1], dim=1)               # B x 2C x H x W
         return stage(self.refinement, stage(self.decoder_level1, dec1))  # B x 2C x H x W
@@ -387,7 +311,7 @@ class Backbone(nn.Module):
         """
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x)
-        feats = self.features(padded, tile)
+        feats = self.features(padded, None if tile is None else block_runner(tile, self.config.dim))
         restored = (padded + self.output(feats))[..., :h, :w]
         if not with_seg:
             return restored
@@ -420,102 +344,3 @@ def build_backbone(size_or_config: str | BackboneConfig | Mapping[str, Any] = "t
     if prompt is not None:
         overrides["prompt"] = prompt
     return Backbone(dataclasses.replace(config, **overrides))
-
-
-# --------------------------------------------------------------------------------------------
-# Identity and checkpoints
-
-
-def restoration_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The restoration weights under their plain names, as if no adapter were attached.
-
-    Leaves out the segmentation head and every adapter tensor; looks through adapter wrappers
-    (modules with `wraps_base_layer`) to their base layer, and takes a merged LoRA layer's
-    original weight, so attaching, merging or dropping anything leaves this dict unchanged.
-    """
-    state: dict[str, torch.Tensor] = {}
-
-    def visit(module: nn.Module, prefix: str, originals: Mapping[str, torch.Tensor]) -> None:
-        if getattr(module, "wraps_base_layer", False):
-            visit(module.base_layer, prefix, module.original_base_tensors())
-            return
-        for name, param in module.named_parameters(recurse=False):
-            state[prefix + name] = originals.get(name, param)
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                state[prefix + name] = buf
-        for name, child in module.named_children():
-            if module is model and name == "seg_head":
-                continue
-            visit(child, f"{prefix}{name}.", {})
-
-    visit(model, "", {})
-    return state
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor in row-major order, any dtype (bfloat16 included)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def fingerprint(backbone: nn.Module) -> str:
-    """sha256 (16 hex chars) over the restoration weights: names, dtypes, shapes and bytes.
-
-    Independent of adapters (attached, merged or not), of the segmentation head and of the memory
-    format; it changes when any restoration weight changes.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(restoration_state_dict(backbone).items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()[:16]
-
-
-def save_backbone(model: Backbone, path: str | os.PathLike, extra_metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write the backbone (restoration weights + seg head if present, no adapters) to safetensors.
-
-    Metadata: format, config (JSON of BackboneConfig), fingerprint, plus `extra_metadata`.
-    Atomic: temporary name in the same folder, then os.replace.
-    """
-    tensors = dict(restoration_state_dict(model))
-    if model.seg_head is not None:
-        tensors.update({f"seg_head.{k}": v for k, v in model.seg_head.state_dict().items()})
-    reserved = {"format": BACKBONE_FORMAT, "config": model.config.to_json(), "fingerprint": fingerprint(model)}
-    return save_atomic(tensors, path, merge_metadata(reserved, extra_metadata))
-
-
-def read_backbone_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a backbone checkpoint, without building the network."""
-    _, metadata = read_checkpoint(path, BACKBONE_FORMAT)
-    return metadata
-
-
-def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
-    """Build the backbone described by a checkpoint's config and load its weights.
-
-    Raises CheckpointError naming the file when it is missing, unreadable, not a backbone, or its
-    tensors do not match its config or its recorded fingerprint.
-    """
-    tensors, metadata = read_checkpoint(path, BACKBONE_FORMAT)
-    try:
-        config = BackboneConfig.from_dict(metadata_json(path, metadata, "config"))
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(path, f"invalid backbone config ({exc})") from None
-    model = Backbone(config)
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())  # a checkpoint saved in bfloat16 loads as bfloat16 (and keeps its fingerprint)
-    expected = model.state_dict()
-    check_tensors(expected, tensors, path)
-    model.load_state_dict(tensors)
-    recorded = metadata.get("fingerprint")
-    if recorded is not None and recorded != fingerprint(model):
-        raise CheckpointError(path, f"weights do not match the recorded fingerprint {recorded} (corrupt file?)")
-    return model.to(device)
-
-
-def num_parameters(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())

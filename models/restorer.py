@@ -4,14 +4,15 @@
     restored, weights = restorer.restore(images, mode="sw")
 
 Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator soft weights),
-"oh" (estimator one-hot). With LoRA adapters and the same weights for every image of the batch
-(always so for a single image), the blend is merged into the backbone for the call: zero overhead.
-Large images run tiled. `tiling="exact"` (the default) tiles inside every transformer block
-(Backbone.forward(tile=...)): the same result as the whole image, to float rounding, with the
-blocks' wide maps held one tile at a time. `tiling="local"` runs the network on overlapping tiles
-blended with raised-cosine ramps: memory independent of the image size, but each tile's channel
-attention sees only that tile, so results differ slightly (no seams). Either way the estimator
-sees the whole image once, so every tile uses the same adapter weights.
+"oh" (estimator one-hot). With a mergeable adapter kind (LoRA) and the same weights for every
+image of the batch (always so for a single image), the blend is merged into the backbone for the
+call: zero overhead. Large images run tiled (models/tiling.py). `tiling="exact"` (the default)
+tiles inside every transformer block (Backbone.forward(tile=...)): the same result as the whole
+image, to float rounding, with the blocks' wide maps held one tile at a time. `tiling="local"`
+runs the network on overlapping tiles blended with raised-cosine ramps: memory independent of
+the image size, but each tile's channel attention sees only that tile, so results differ slightly
+(no seams). Either way the estimator sees the whole image once, so every tile uses the same
+adapter weights.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import torch
 import torch.nn as nn
 
 from models.adapters import AdapterBank
-from models.backbone import SIZE_MULTIPLE, Backbone, num_parameters, restoration_state_dict
+from models.backbone import SIZE_MULTIPLE, Backbone
 from models.estimator import Estimator
+from models.identity import restoration_state_dict
+from models.tiling import DEFAULT_OVERLAP, tiled_apply
 
 MODES = ("sw", "oh", "oracle", "none")
 TILINGS = ("exact", "local")
-DEFAULT_OVERLAP = 32
 
 
 class Restorer(nn.Module):
@@ -96,7 +98,7 @@ class Restorer(nn.Module):
                 yield
             return
         columns = self._to_bank_columns(weights).cpu()
-        if self.bank.kind == "lora" and bool((columns == columns[:1]).all()):
+        if self.bank.kind.mergeable and bool((columns == columns[:1]).all()):
             # the whole batch (always so for one image) uses the same weights: fold them into the
             # base weights once, so the adapters cost nothing per pixel
             row = columns[0]
@@ -153,10 +155,6 @@ class Restorer(nn.Module):
         return out.clamp_(0.0, 1.0), used
 
 
-# ------------------------------------------------------------------------------------------------
-# Tiling
-
-
 def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_OVERLAP) -> int | None:
     """The tile side: `tile` as given, or the largest multiple of 8 with side^2 <= max_pixels."""
     if tile is None and max_pixels is None:
@@ -165,58 +163,6 @@ def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_O
     if side <= max(2 * overlap, SIZE_MULTIPLE - 1):
         raise ValueError(f"tile side {side} must exceed twice the overlap ({overlap} px) and be at least {SIZE_MULTIPLE}")
     return side
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins covering [0, size) with the fewest tiles whose overlaps are >= `overlap`,
-    spread evenly (so every seam gets the same, widest possible, blending band)."""
-    if size <= tile:
-        return [0]
-    count = math.ceil((size - overlap) / (tile - overlap))
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
-
-
-def blend_ramp(length: int, rise: int, fall: int, device=None) -> torch.Tensor:
-    """1-D tile weight: a raised-cosine ramp up over the first `rise` px and down over the last
-    `fall` px (the overlaps with the previous / next tile), 1 in between.
-
-    Over an overlap the falling ramp of one tile and the rising ramp of the next sum to exactly 1
-    (cos^2 + sin^2); the blend still divides by the summed weights, so any layout is safe.
-    """
-    def up(n: int) -> torch.Tensor:
-        return torch.sin(0.5 * math.pi * (torch.arange(n, device=device) + 0.5) / n) ** 2
-
-    ramp = torch.ones(length, device=device)
-    if rise > 0:
-        ramp[:rise] = up(rise)
-    if fall > 0:
-        ramp[length - fall:] = torch.minimum(ramp[length - fall:], up(fall).flip(0))
-    return ramp
-
-
-def _ramps(size: int, tile: int, overlap: int, device) -> list[tuple[int, int, torch.Tensor]]:
-    """(start, length, 1-D weight) of every tile along one axis."""
-    starts = tile_starts(size, tile, overlap)
-    out = []
-    for i, start in enumerate(starts):
-        length = min(tile, size - start)
-        rise = starts[i - 1] + tile - start if i > 0 else 0
-        fall = start + length - starts[i + 1] if i + 1 < len(starts) else 0
-        out.append((start, length, blend_ramp(length, rise, fall, device)))
-    return out
-
-
-def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
-    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image."""
-    b, c, h, w = images.shape
-    out = torch.zeros(b, c, h, w, dtype=torch.float32, device=images.device)
-    total = torch.zeros(1, 1, h, w, dtype=torch.float32, device=images.device)
-    for y, th, wy in _ramps(h, tile, overlap, images.device):
-        for x, tw, wx in _ramps(w, tile, overlap, images.device):
-            window = wy[:, None] * wx[None, :]                                     # th x tw
-            out[:, :, y:y + th, x:x + tw] += fn(images[:, :, y:y + th, x:x + tw]).float() * window
-            total[:, :, y:y + th, x:x + tw] += window
-    return out / total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,3 +182,7 @@ def param_counts(backbone: nn.Module | None = None, bank: AdapterBank | None = N
     est = num_parameters(estimator)
     return {"backbone": restoration, "seg_head": seg, "per_adapter": per_adapter, "adapters": adapters,
             "estimator": est, "total": restoration + seg + adapters + est}
+
+
+def num_parameters(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from models.adapters import AdapterBank
-from models.backbone import (SIZES, BackboneConfig, LayerNorm2d, build_backbone, fingerprint, load_backbone,
-                             read_backbone_metadata, save_backbone)
+from models.backbone import SIZES, BackboneConfig, LayerNorm2d, build_backbone
 from models.checkpoint import CheckpointError
 from models.estimator import Estimator, load_estimator, save_estimator
-from models.restorer import Restorer, param_counts, tile_starts
+from models.identity import fingerprint, load_backbone, read_backbone_metadata, save_backbone
+from models.restorer import Restorer, param_counts
+from models.tiling import tile_starts
 
 CLASSES = ["rain", "haze", "noise", "blur", "lowlight"]
 
@@ -332,8 +333,9 @@ def test_exact_tiling_equals_whole_everywhere(variant, monkeypatch):
     whole, _ = restorer.restore(x, mode="oracle", weights=weights)
 
     from models import backbone as backbone_module
+    from models import tiling as tiling_module
     tile_counts = []
-    real_halo_tiles = backbone_module.halo_tiles
+    real_halo_tiles = tiling_module.halo_tiles
 
     def counting_halo_tiles(*args, **kwargs):
         tiles = real_halo_tiles(*args, **kwargs)
@@ -343,7 +345,7 @@ def test_exact_tiling_equals_whole_everywhere(variant, monkeypatch):
     def whole_block(*_):
         raise AssertionError("a transformer block ran on the whole map")
 
-    monkeypatch.setattr(backbone_module, "halo_tiles", counting_halo_tiles)
+    monkeypatch.setattr(tiling_module, "halo_tiles", counting_halo_tiles)
     monkeypatch.setattr(backbone_module.TransformerBlock, "forward", whole_block)
     tiled, _ = restorer.restore(x, mode="oracle", weights=weights, tile=64)
     budget, _ = restorer.restore(x, mode="oracle", weights=weights, max_pixels=64 * 64 + 100)

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.adaptir import AdaptIRAdapter, stacked_adapters
 from models.adapters import AdapterBank, read_adapter_metadata
-from models.backbone import build_backbone, fingerprint
+from models.adapters.adaptir import AdaptIRAdapter, stacked_adapters
+from models.adapters.lora import LoRALayer
+from models.backbone import build_backbone
 from models.checkpoint import AdapterError, save_atomic
-from models.lora import LoRALayer
+from models.identity import fingerprint
 
 KINDS = ["lora", "adaptir"]
 
@@ -343,7 +344,7 @@ def test_adapter_kind_rank_and_tensor_mismatches(tmp_path):
 
 
 def _plain_state(model):
-    from models.backbone import restoration_state_dict
+    from models.identity import restoration_state_dict
     return {k: v.detach().clone() for k, v in restoration_state_dict(model).items()}
 
 

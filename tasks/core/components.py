@@ -7,12 +7,13 @@ The component files are the contract between stages (and what the registry versi
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tasks.core.errors import AbairError
+
+if TYPE_CHECKING:  # torch comes with the models, when a system loads: the file names alone stay light
+    import torch
 
 BACKBONE_FILE = "backbone.safetensors"
 ADAPTER_DIR = "adapters"
@@ -39,11 +40,10 @@ def file_sha256(path: str | Path) -> str:
 
 def load_bank(backbone, files: list[Path]):
     """An AdapterBank configured from the first file's metadata, holding every adapter file."""
-    from models.adapters import AdapterBank, read_adapter_metadata
+    from models.adapters import AdapterBank, read_adapter_options
 
-    meta = read_adapter_metadata(files[0])
-    bank = AdapterBank(backbone, kind=meta["kind"], targets=json.loads(meta["targets"]), rank=int(meta["rank"]),
-                       alpha=float(meta["alpha"]), hidden=int(meta["hidden"]))
+    kind, options = read_adapter_options(files[0])
+    bank = AdapterBank(backbone, kind, options)
     for path in files:
         bank.load(path)
     return bank
@@ -52,7 +52,7 @@ def load_bank(backbone, files: list[Path]):
 def load_system(backbone_path: str | Path, adapters_dir: str | Path | None = None,
                 estimator_path: str | Path | None = None, device: str | torch.device = "cpu"):
     """A models.restorer.Restorer from files; adapters and estimator optional."""
-    from models.backbone import load_backbone
+    from models.identity import load_backbone
     from models.estimator import load_estimator
     from models.restorer import Restorer
 

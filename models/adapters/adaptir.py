@@ -1,5 +1,6 @@
-"""AdaptIR's heterogeneous adapter (Guo et al., "Parameter Efficient Adaptation for Image
-Restoration with Heterogeneous Mixture-of-Experts", NeurIPS 2024), run parallel to each FFN:
+"""The AdaptIR adapter kind: the heterogeneous adapter of Guo et al., "Parameter Efficient
+Adaptation for Image Restoration with Heterogeneous Mixture-of-Experts" (NeurIPS 2024), run
+parallel to each FFN:
 
     block: x + ffn(n) + sum_k w[b, k] * adapter_k(n),   n = norm2(x)
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.lora import WeightedAdapters
+from models.adapters.base import AdapterLayer, register_kind
 
 
 def frequency_affine(x: torch.Tensor, amplitude_scale: torch.Tensor, amplitude_shift: torch.Tensor,
@@ -107,24 +108,20 @@ class AdaptIRAdapter(nn.Module):
         return self.project_out(mixed * channel)                                     # B x C x H x W
 
 
-class AdaptIRLayer(WeightedAdapters, nn.Module):
-    """A block's FFN with named AdaptIR adapters beside it: ffn(x) + sum_k w[b, k] * adapter_k(x)."""
+@register_kind("adaptir", default_targets=("ffn",), matched_options=("rank", "targets", "hidden"))
+class AdaptIRLayer(AdapterLayer):
+    """A block's FFN (GDFN) with named AdaptIR adapters beside it: ffn(x) + sum_k w[b, k] * adapter_k(x)."""
 
-    wraps_base_layer = True  # restoration_state_dict / fingerprint look through to base_layer
-
-    def __init__(self, base: nn.Module, dim: int):
-        super().__init__()
-        self.base_layer = base
-        self.dim = dim
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.dim = base.project_in.in_channels   # the FFN's input width, which the adapters map back to
         self.adapters = nn.ModuleDict()
-        self.adapter_weights: torch.Tensor | None = None   # B x len(active_adapters)
-        self.active_adapters: tuple[str, ...] = ()
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 
-    def add_adapter(self, name: str, hidden: int, rank: int) -> None:
+    def add_adapter(self, name: str, *, rank: int = 4, alpha: float = 4.0, hidden: int = 8) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         reference = next(self.base_layer.parameters())
@@ -138,11 +135,6 @@ class AdaptIRLayer(WeightedAdapters, nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.adapters[name].named_parameters())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        delta = self.adapter_delta(x)
-        return out if delta is None else out + delta.to(out.dtype)
-
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """sum_k w[b, k] * adapter_k(x) over the active adapters (None when there are none)."""
         if self.adapter_weights is None or not self.active_adapters:
@@ -155,9 +147,6 @@ class AdaptIRLayer(WeightedAdapters, nn.Module):
         for k, adapter in enumerate(adapters):  # mixed widths: one call each
             delta = delta + weights[:, k, None, None, None].to(x.dtype) * adapter(x)
         return delta
-
-    def original_base_tensors(self) -> dict[str, torch.Tensor]:
-        return {}  # AdaptIR never merges into the base layer
 
 
 def _stacked_mlp(x: torch.Tensor, mlps: list[nn.Sequential]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""LoRA on 1x1 convolutions and linear layers, several named adapters per layer (as PEFT's LoRA layer).
+"""The LoRA adapter kind: on 1x1 convolutions and linear layers, several named adapters per layer
+(as PEFT's LoRA layer).
 
     y = base(x) + sum_k w[b, k] * (alpha_k / r_k) * B_k A_k x
 
@@ -6,8 +7,8 @@ A_k (r_k x in) and B_k (out x r_k) are stored by adapter name next to the base l
 adapters run as one stacked (sum r_k x in) projection, a per-sample scale of each adapter's
 channel group, and one (out x sum r_k) projection: two small matmuls whatever K is.
 
-Per-sample weights w (B x K) are set from outside (models.adapters.AdapterBank does it for every
-layer at once); with none set the layer is exactly its base layer.
+Per-sample weights w (B x K) are set from outside (models.adapters.bank.AdapterBank does it for
+every layer at once); with none set the layer is exactly its base layer.
 
 Merging folds one adapter (or one blend shared by the batch, merge_mix) into the base weight for
 zero-overhead inference. While merged the layer IS the merged base layer: per-sample weights are
@@ -19,41 +20,23 @@ model to another device or dtype, or saving it.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.adapters.base import MergeableLayer, register_kind
 
-class WeightedAdapters:
-    """Per-sample adapter weights for a layer holding named adapters (LoRA here, AdaptIR too)."""
-
-    adapter_weights: torch.Tensor | None   # B x len(active_adapters)
-    active_adapters: tuple[str, ...]
-
-    def set_weights(self, weights: torch.Tensor | None, names: Sequence[str] | None = None) -> None:
-        """Per-sample weights (B x len(names); B may be 1 to share them), or None for the base layer.
-
-        `names` (default: all adapters in insertion order) says which adapter each column is.
-        """
-        if weights is None:
-            self.adapter_weights, self.active_adapters = None, ()
-            return
-        names = tuple(self.adapter_names if names is None else names)
-        unknown = [n for n in names if n not in self.adapter_names]
-        if unknown:
-            raise KeyError(f"no adapter named {unknown} on this layer")
-        if weights.dim() != 2 or weights.shape[1] != len(names):
-            raise ValueError(f"weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
-        self.adapter_weights, self.active_adapters = weights, names
+DEFAULT_TARGETS = ("attn.qkv", "attn.project_out", "ffn.project_in", "ffn.project_out")
 
 
-class LoRALayer(WeightedAdapters, nn.Module):
-    wraps_base_layer = True  # restoration_state_dict / fingerprint look through to base_layer
+@register_kind("lora", default_targets=DEFAULT_TARGETS, configurable_targets=True, matched_options=("rank", "targets"))
+class LoRALayer(MergeableLayer):
+    """A 1x1 convolution or linear layer with named LoRA adapters (wraps it in place)."""
 
     def __init__(self, base: nn.Module):
-        super().__init__()
+        super().__init__(base)
         if isinstance(base, nn.Conv2d):
             if base.kernel_size != (1, 1) or base.groups != 1 or base.stride != (1, 1) or base.padding not in ((0, 0), "valid"):
                 raise TypeError(f"LoRA wraps only plain 1x1 convolutions, got {base}")
@@ -62,14 +45,10 @@ class LoRALayer(WeightedAdapters, nn.Module):
             self.in_features, self.out_features = base.in_features, base.out_features
         else:
             raise TypeError(f"LoRA wraps nn.Conv2d (1x1) or nn.Linear, got {type(base).__name__}")
-        self.base_layer = base
         self.is_conv = isinstance(base, nn.Conv2d)
         self.lora_A = nn.ParameterDict()           # name -> rank x in
         self.lora_B = nn.ParameterDict()           # name -> out x rank
         self.scaling: dict[str, float] = {}        # name -> alpha / rank
-        # per-sample mixing: B x len(active_adapters), columns in active_adapters order
-        self.adapter_weights: torch.Tensor | None = None
-        self.active_adapters: tuple[str, ...] = ()
         self.merged_adapter: str | None = None
         self._original_weight: torch.Tensor | None = None
 
@@ -77,7 +56,7 @@ class LoRALayer(WeightedAdapters, nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def add_adapter(self, name: str, rank: int, alpha: float) -> None:
+    def add_adapter(self, name: str, *, rank: int = 4, alpha: float = 4.0, hidden: int = 8) -> None:
         """A new adapter: A kaiming-uniform, B zero, so the layer's output does not change."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -101,8 +80,11 @@ class LoRALayer(WeightedAdapters, nn.Module):
         """That adapter's tensors under keys relative to this layer."""
         return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_k w[b, k] * scaling_k * B_k A_k x for the active adapters."""
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sum_k w[b, k] * scaling_k * B_k A_k x for the active adapters (None while merged: the
+        base weight holds the merged adapter then)."""
+        if self.merged_adapter is not None or self.adapter_weights is None or not self.active_adapters:
+            return None
         names = self.active_adapters
         ranks = [self.lora_A[n].shape[0] for n in names]
         # fold alpha/rank into B (python floats: no host-device transfer per call)
@@ -127,12 +109,6 @@ class LoRALayer(WeightedAdapters, nn.Module):
         h = F.linear(x, a.to(x.dtype))                                                # B x ... x Kr
         h = h * group_scale.view(group_scale.shape[0], *([1] * (x.dim() - 2)), -1).to(h.dtype)
         return F.linear(h, b.to(h.dtype))                                             # B x ... x out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged_adapter is not None or self.adapter_weights is None or not self.active_adapters:
-            return out
-        return out + self.lora_delta(x).to(out.dtype)
 
     # -- merging ---------------------------------------------------------------------------
 

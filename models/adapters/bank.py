@@ -1,4 +1,4 @@
-"""AdapterBank: named per-degradation adapters on a backbone, LoRA or AdaptIR, behind one interface.
+"""AdapterBank: named per-degradation adapters of one kind on a backbone, behind one interface.
 
     bank = AdapterBank(backbone, kind="lora", rank=4, alpha=4.0)
     bank.add("rain"); bank.add("haze")
@@ -6,15 +6,17 @@
     with bank.weights(w):          # w: B x len(bank.names), columns in bank.names order
         restored = backbone(x)
 
-The bank wraps the target layers in place (the adapter tensors live inside the backbone, so
-backbone.to(device) moves them) and keeps the order of adapter names, which is the column order
-of the per-sample weights. Each adapter saves to its own safetensors file with the fingerprint of
-the backbone it was trained on; loading it onto any other backbone is an AdapterError.
+The bank puts its kind's layer in place of every target module (the adapter tensors live inside
+the backbone, so backbone.to(device) moves them) and keeps the order of adapter names, which is
+the column order of the per-sample weights. It knows kinds only through models.adapters.base.
+Each adapter saves to its own safetensors file with the fingerprint of the backbone it was
+trained on; loading it onto any other backbone is an AdapterError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,15 +26,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from models.adaptir import AdaptIRLayer
-from models.backbone import TransformerBlock, fingerprint
+from models.adapters.base import AdapterKind, AdapterLayer, AdapterOptions, get_kind
 from models.checkpoint import AdapterError, check_tensors, merge_metadata, read_checkpoint, save_atomic
-from models.lora import LoRALayer
+from models.identity import fingerprint
 
 ADAPTER_FORMAT = "abair-adapter"
-KINDS = ("lora", "adaptir")
-DEFAULT_TARGETS = ("attn.qkv", "attn.project_out", "ffn.project_in", "ffn.project_out")
-ADAPTIR_TARGETS = ("ffn",)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -41,37 +39,35 @@ def _replace_module(root: nn.Module, qualified_name: str, new: nn.Module) -> Non
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+def attach_layers(backbone: nn.Module, kind: AdapterKind, targets: Sequence[str]) -> dict[str, AdapterLayer]:
+    """Put a `kind` layer in place of every module whose name is a target or ends in `.<target>`;
+    returns them by qualified name, in the backbone's module order."""
+    layers: dict[str, AdapterLayer] = {}
+    for qualified, module in list(backbone.named_modules()):
+        if any(qualified == t or qualified.endswith("." + t) for t in targets):
+            layers[qualified] = kind.layer(module)
+            _replace_module(backbone, qualified, layers[qualified])
+    if not layers:
+        raise ValueError(f"no layer of the backbone matches the adapter targets {list(targets)}")
+    return layers
+
+
 class AdapterBank:
-    def __init__(self, backbone: nn.Module, kind: str = "lora", targets: Sequence[str] = DEFAULT_TARGETS,
-                 rank: int = 4, alpha: float = 4.0, hidden: int = 8):
-        if kind not in KINDS:
-            raise ValueError(f"adapter kind must be one of {KINDS}, got {kind!r}")
+    def __init__(self, backbone: nn.Module, kind: str | AdapterKind = "lora", options: AdapterOptions | None = None, *,
+                 targets: Sequence[str] | None = None, rank: int | None = None, alpha: float | None = None,
+                 hidden: int | None = None):
+        """`options` (default AdapterOptions()) say how adapters are built; targets / rank / alpha /
+        hidden, when given, replace its fields. The kind decides which targets apply."""
+        self.kind = get_kind(kind)
+        given = {"targets": targets, "rank": rank, "alpha": alpha, "hidden": hidden}
+        options = dataclasses.replace(options or AdapterOptions(), **{k: v for k, v in given.items() if v is not None})
+        self.options = dataclasses.replace(options, targets=self.kind.targets(options))
         if any(getattr(m, "wraps_base_layer", False) for m in backbone.modules()):
             raise ValueError("this backbone already carries an adapter bank; use that one")
         self.backbone = backbone
-        self.kind = kind
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.hidden = int(hidden)
-        self.targets = tuple(targets) if kind == "lora" else ADAPTIR_TARGETS
-        self.layers: dict[str, LoRALayer | AdaptIRLayer] = {}   # qualified name in backbone -> wrapper
+        self.layers = attach_layers(backbone, self.kind, self.options.targets)   # qualified name -> layer
         self._names: list[str] = []
         self._alphas: dict[str, float] = {}
-
-        for qualified, module in list(backbone.named_modules()):
-            if kind == "lora":
-                if not any(qualified == t or qualified.endswith("." + t) for t in self.targets):
-                    continue
-                wrapper = LoRALayer(module)
-                self.layers[qualified] = wrapper
-                _replace_module(backbone, qualified, wrapper)
-            elif isinstance(module, TransformerBlock):
-                name = f"{qualified}.ffn" if qualified else "ffn"
-                wrapper = AdaptIRLayer(module.ffn, dim=module.norm2.weight.numel())
-                self.layers[name] = wrapper
-                module.ffn = wrapper
-        if not self.layers:
-            raise ValueError(f"no layer of the backbone matches the adapter targets {list(self.targets)}")
 
     # -- the set of adapters ---------------------------------------------------------------
 
@@ -92,12 +88,9 @@ class AdapterBank:
             raise ValueError(f"adapter names are letters, digits, '_' or '-', got {name!r}")
         if name in self._names:
             raise ValueError(f"the bank already has an adapter named {name!r}")
-        alpha = self.alpha if alpha is None else float(alpha)
+        alpha = self.options.alpha if alpha is None else float(alpha)
         for layer in self.layers.values():
-            if self.kind == "lora":
-                layer.add_adapter(name, self.rank, alpha)
-            else:
-                layer.add_adapter(name, self.hidden, self.rank)
+            layer.add_adapter(name, rank=self.options.rank, alpha=alpha, hidden=self.options.hidden)
         self._names.append(name)
         self._alphas[name] = alpha
         self.set_weights(None)  # old weight columns no longer match the names
@@ -203,14 +196,18 @@ class AdapterBank:
         finally:
             self.set_weights(None)
 
-    # -- merging (LoRA only) -----------------------------------------------------------------
+    # -- merging (mergeable kinds: LoRA) -----------------------------------------------------
+
+    def _check_mergeable(self) -> None:
+        if not self.kind.mergeable:
+            raise NotImplementedError(f"{self.kind.name} adapters are not linear in the layer's input, "
+                                      "so they cannot be merged into the backbone")
 
     def merge(self, name: str) -> None:
-        """Fold one LoRA adapter into the base weights (inference only). While merged every layer
-        is its merged base layer and per-sample weights are ignored; unmerge() restores the
+        """Fold one adapter into the base weights (inference only). While merged every layer is
+        its merged base layer and per-sample weights are ignored; unmerge() restores the
         original weight tensors bit for bit. Unmerge before training or moving the model."""
-        if self.kind != "lora":
-            raise NotImplementedError("AdaptIR adapters are non-linear and cannot be merged into the backbone")
+        self._check_mergeable()
         self._check(name)
         for layer in self.layers.values():
             layer.merge(name)
@@ -218,8 +215,7 @@ class AdapterBank:
     def merge_mix(self, weights: torch.Tensor | Sequence[float]) -> None:
         """Fold a blend (one weight per adapter, in names order) into the base weights: the
         zero-overhead form of set_weights() when every sample uses the same weights."""
-        if self.kind != "lora":
-            raise NotImplementedError("AdaptIR adapters are non-linear and cannot be merged into the backbone")
+        self._check_mergeable()
         weights = torch.as_tensor(weights, dtype=torch.float32).flatten().tolist()
         if len(weights) != len(self._names):
             raise ValueError(f"merge_mix needs {len(self._names)} weights for adapters {self._names}, got {len(weights)}")
@@ -228,13 +224,13 @@ class AdapterBank:
             layer.merge_mix(mix)
 
     def unmerge(self) -> None:
-        if self.kind == "lora":
+        if self.kind.mergeable:
             for layer in self.layers.values():
                 layer.unmerge()
 
     @property
     def merged(self) -> str | None:
-        if self.kind != "lora":
+        if not self.kind.mergeable:
             return None
         return next(iter(self.layers.values())).merged_adapter
 
@@ -253,11 +249,8 @@ class AdapterBank:
             "format": ADAPTER_FORMAT,
             "name": name,
             "degradation": degradation or name,
-            "kind": self.kind,
-            "rank": str(self.rank),
-            "alpha": repr(self._alphas[name]),
-            "hidden": str(self.hidden),
-            "targets": json.dumps(list(self.targets)),
+            "kind": self.kind.name,
+            **dataclasses.replace(self.options, alpha=self._alphas[name]).metadata(),
             "layers": json.dumps(list(self.layers)),
             "backbone_fingerprint": self.fingerprint(),
             "parameters": str(sum(t.numel() for t in tensors.values())),
@@ -272,27 +265,22 @@ class AdapterBank:
         tensors. On error the bank is left as it was.
         """
         tensors, meta = read_checkpoint(path, ADAPTER_FORMAT, error=AdapterError)
-        try:
-            found = {"kind": meta["kind"], "rank": int(meta["rank"]), "targets": tuple(json.loads(meta["targets"])),
-                     "alpha": float(meta["alpha"]), "hidden": int(meta["hidden"]),
-                     "fingerprint": meta["backbone_fingerprint"]}
-        except (KeyError, ValueError) as exc:
-            raise AdapterError(path, f"incomplete adapter metadata ({type(exc).__name__}: {exc})") from None
-        expected = {"kind": self.kind, "rank": self.rank, "targets": self.targets}
-        if self.kind == "adaptir":
-            expected["hidden"] = self.hidden
-        for key, value in expected.items():
-            if found[key] != value:
-                raise AdapterError(path, f"{key} is {found[key]!r} but this bank's is {value!r}")
+        kind, found, trained_on = _file_identity(path, meta)
+        if kind != self.kind.name:
+            raise AdapterError(path, f"kind is {kind!r} but this bank's is {self.kind.name!r}")
+        for key in self.kind.matched_options:
+            theirs, ours = getattr(found, key), getattr(self.options, key)
+            if theirs != ours:
+                raise AdapterError(path, f"{key} is {theirs!r} but this bank's is {ours!r}")
         mine = self.fingerprint()
-        if found["fingerprint"] != mine:
-            raise AdapterError(path, f"trained on backbone {found['fingerprint']}, but this backbone is {mine}; "
+        if trained_on != mine:
+            raise AdapterError(path, f"trained on backbone {trained_on}, but this backbone is {mine}; "
                                      "an adapter only fits the frozen backbone it was trained on")
         name = name or meta.get("degradation") or meta.get("name")
         if name in self._names:
             raise AdapterError(path, f"the bank already has an adapter named {name!r}")
 
-        self.add(name, alpha=found["alpha"])
+        self.add(name, alpha=found.alpha)
         try:
             params = dict(self.named_parameters_of(name))
             check_tensors(params, tensors, path, error=AdapterError)
@@ -303,6 +291,23 @@ class AdapterBank:
             self.remove(name)
             raise
         return name
+
+
+def _file_identity(path: str | os.PathLike, meta: Mapping[str, str]) -> tuple[str, AdapterOptions, str]:
+    """(kind name, options, backbone fingerprint) of an adapter file, from its metadata."""
+    try:
+        return meta["kind"], AdapterOptions.from_metadata(meta), meta["backbone_fingerprint"]
+    except (KeyError, ValueError) as exc:
+        raise AdapterError(path, f"incomplete adapter metadata ({type(exc).__name__}: {exc})") from None
+
+
+def read_adapter_options(path: str | os.PathLike) -> tuple[AdapterKind, AdapterOptions]:
+    """The kind and options an adapter file was built with: what a bank that loads it needs."""
+    kind, options, _ = _file_identity(path, read_adapter_metadata(path))
+    try:
+        return get_kind(kind), options
+    except ValueError as exc:
+        raise AdapterError(path, str(exc)) from None
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -1,13 +1,18 @@
 """`abair`: the command line. Each subcommand runs the plain stage function (what `dvc repro`
-calls); `abair flow ...` runs the same work as Prefect flows. Heavy imports stay inside the
-subcommands so `abair --help` is instant."""
+calls); `abair flow ...` runs the same work as Prefect flows. A command reads params.yaml (with
+its `--set` overrides) once and hands the stage its section. The commands are one table
+(COMMANDS): adding one is one entry. Heavy imports stay inside the subcommands so `abair
+--help` is instant."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from tasks.core.errors import AbairError
 
@@ -26,7 +31,8 @@ def user_error(exc: BaseException) -> bool:
     return isinstance(exc, AbairError) or (checkpoint is not None and isinstance(exc, checkpoint.CheckpointError))
 
 
-def _params(args, section: str) -> dict:
+def stage_params(args, section: str) -> dict:
+    """The command's params section: the params file with the command's --set overrides."""
     from tasks.core.params import load_params
 
     return load_params(args.params, section, args.set or ())
@@ -35,7 +41,7 @@ def _params(args, section: str) -> dict:
 def cmd_synthesize(args) -> None:
     from tasks.data.synthesize import synthesize
 
-    cfg = _params(args, "synthesize")
+    cfg = stage_params(args, "synthesize")
     if args.count is not None:
         cfg["samples_per_image"] = args.count
     if args.seed is not None:
@@ -68,14 +74,14 @@ def cmd_degrade(args) -> None:
 def cmd_preview(args) -> None:
     from tasks.data.preview import write_preview
 
-    sheet = write_preview(args.output, _params(args, "synthesize"), seed=args.seed)
+    sheet = write_preview(args.output, stage_params(args, "synthesize"), seed=args.seed)
     print(f"{args.output}: {sheet.shape[1]}x{sheet.shape[0]} contact sheet")
 
 
 def cmd_pretrain(args) -> None:
     from tasks.train.pretrain import pretrain
 
-    cfg = _params(args, "pretrain")
+    cfg = stage_params(args, "pretrain")
     summary = pretrain(cfg, shards=args.shards, out=args.out, state_path=args.state, reports=args.reports,
                        resume=args.resume, stop_after=args.stop_after)
     if summary.get("interrupted"):
@@ -88,7 +94,7 @@ def cmd_adapter(args) -> None:
     from tasks.train.adapters import train_adapter
     from tasks.core.storage import atomic_path
 
-    cfg = _params(args, "adapters")
+    cfg = stage_params(args, "adapters")
     summary = train_adapter(cfg, args.name, backbone_path=args.backbone, shards=args.shards, out_dir=args.out_dir,
                             reports=args.reports, parent_run_id=args.parent_run, force=args.force,
                             progress=not args.no_progress)
@@ -98,15 +104,14 @@ def cmd_adapter(args) -> None:
 
 
 def cmd_adapters(args) -> None:
-    paths = dict(backbone=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
+    cfg = stage_params(args, "adapters")
     if args.runner == "prefect":
-        from flows.training import run_adapters_flow
+        from flows.training import run_adapters
 
-        run_adapters_flow(args.params, list(args.set or ()), **paths)
+        run_adapters(cfg, backbone=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
         return
     from tasks.train.adapters import prune_adapters, train_adapter
 
-    cfg = _params(args, "adapters")
     prune_adapters(cfg, args.out_dir)
     for name in cfg["degradations"]:
         train_adapter(cfg, name, backbone_path=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
@@ -115,14 +120,14 @@ def cmd_adapters(args) -> None:
 def cmd_estimator(args) -> None:
     from tasks.train.estimator import train_estimator
 
-    train_estimator(_params(args, "estimator"), backbone_path=args.backbone, adapters_dir=args.adapters,
+    train_estimator(stage_params(args, "estimator"), backbone_path=args.backbone, adapters_dir=args.adapters,
                     shards=args.shards, out=args.out, reports=args.reports)
 
 
 def cmd_manifest(args) -> None:
     from tasks.data.manifest import source_manifest, write_manifest
 
-    cfg = _params(args, "synthesize")
+    cfg = stage_params(args, "synthesize")
     manifest = source_manifest(args.source or cfg["source"], cfg.get("endpoint_url"))
     changed = write_manifest(manifest, args.out)
     print(f"{args.out}: {len(manifest['files'])} source images, {'changed' if changed else 'unchanged'} ({manifest['hash']})")
@@ -165,6 +170,95 @@ def cmd_profile(args) -> None:
           "".join(f"\n  {key}" for key in changed))
 
 
+def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--params and --set: the options of every command that reads a params section."""
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a value of this stage's params section, e.g. --set crop_size=128")
+    return p
+
+
+def arg(*names: str, **options) -> tuple[tuple[str, ...], dict]:
+    """One option or positional of a command, as argparse's add_argument takes it."""
+    return names, options
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable
+    args: tuple = ()
+    params: bool = False  # reads a params section: --params and --set first
+
+
+ADAPTER_PATHS = (arg("--backbone", default="checkpoints/backbone.safetensors"), arg("--shards", default="data/shards"),
+                 arg("--out-dir", default="checkpoints/adapters"), arg("--reports", default="reports/training/adapters"))
+
+COMMANDS: tuple[Command, ...] = (
+    Command("synthesize", "clean images -> degraded webdataset shards", cmd_synthesize, params=True, args=(
+        arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params)"),
+        arg("--out", help="folder or s3://bucket/prefix for the shards (default: params)"),
+        arg("--count", type=int, help="samples per source image"),
+        arg("--seed", type=int),
+        arg("--workers", type=int))),
+    Command("pretrain", "Phase I: train the backbone (+ segmentation head) on shards", cmd_pretrain, params=True, args=(
+        arg("--shards", default="data/shards"),
+        arg("--out", default="checkpoints/backbone.safetensors"),
+        arg("--state", default="checkpoints/pretrain.state.pt", help="resumable training state"),
+        arg("--reports", default="reports/training"),
+        arg("--resume", choices=["auto", "always", "never"], default="auto",
+            help="auto: continue an interrupted run with the same inputs (default)"),
+        arg("--stop-after", type=int, help="stop (with a resumable checkpoint) after this many steps"))),
+    Command("adapters", "Phase II: one adapter per degradation (concurrent jobs)", cmd_adapters, params=True, args=(
+        *ADAPTER_PATHS,
+        arg("--runner", choices=["prefect", "local"], default="prefect",
+            help="prefect: concurrent jobs in a Prefect flow (default); local: one after another in this process"))),
+    Command("adapter", "Phase II: train one adapter (skipped when up to date)", cmd_adapter, params=True, args=(
+        *ADAPTER_PATHS,
+        arg("name", help="degradation, e.g. rain"),
+        arg("--force", action="store_true", help="retrain even when up to date"),
+        arg("--parent-run", help="MLflow run to nest this job's run under"),
+        arg("--summary", help="write the job summary (JSON) here"),
+        arg("--no-progress", action="store_true"))),
+    Command("estimator", "Phase III: train the degradation estimator", cmd_estimator, params=True, args=(
+        arg("--backbone", default="checkpoints/backbone.safetensors"),
+        arg("--adapters", default="checkpoints/adapters"),
+        arg("--shards", default="data/shards"),
+        arg("--out", default="checkpoints/estimator.safetensors"),
+        arg("--reports", default="reports/training"))),
+    Command("degrade", "apply one degradation to one image", cmd_degrade, args=(
+        arg("input"),
+        arg("output"),
+        arg("--type", required=True, help="degradation name, e.g. rain"),
+        arg("--severity", type=float, default=0.5, help="0 (none) to 1 (strongest)"),
+        arg("--seed", type=int, default=0))),
+    Command("preview", "contact sheet of every degradation and composite samples", cmd_preview, params=True, args=(
+        arg("output", nargs="?", default="preview.png"),
+        arg("--seed", type=int, default=0))),
+    Command("manifest", "list the clean source images by content (data/source_manifest.json)", cmd_manifest,
+            params=True, args=(
+        arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)"),
+        arg("--out", default="data/source_manifest.json"))),
+    Command("flow", "run the pipeline (or synthesis alone) as Prefect flows instead of DVC stages", cmd_flow, args=(
+        arg("name", choices=["pipeline", "synthesize"]),
+        arg("--params", default="params.yaml"),
+        arg("--source", help="clean images (default: params synthesize.source)"))),
+    Command("retrain", "retrain when the clean source changed (dvc repro, push, gate) as a Prefect flow", cmd_retrain, args=(
+        arg("--source", help="set synthesize.source first"),
+        arg("--profile", help="apply a params profile first"),
+        arg("--project", default=".", help="the project checkout (default: here)"),
+        arg("--no-push", action="store_true", help="do not `dvc push` to the default remote"),
+        arg("--force", action="store_true", help="run even when nothing changed"))),
+    Command("serve", "serve the retrain (scheduled) and promote flows from this machine (flow.serve)", cmd_serve, args=(
+        arg("--cron", default="0 3 * * 1", help="retrain schedule (default: Mondays 03:00)"),
+        arg("--project", default="."))),
+    Command("profile", "merge a params overlay (profiles/NAME.yaml) into params.yaml", cmd_profile, args=(
+        arg("action", choices=["apply"]),
+        arg("profile", help="a name under profiles/ (gpu, minimal, bench) or a YAML path"),
+        arg("--params", default="params.yaml"))),
+)
+
 # Modules that add their own subcommands: each has add_commands(subparsers, with_params).
 COMMAND_MODULES: tuple[str, ...] = ("flows.registry_cli", "flows.evaluate_cli")
 
@@ -173,104 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abair", description="ABAIR all-in-one image restoration pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_params(p):
-        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a value of this stage's params section, e.g. --set crop_size=128")
-        return p
-
-    p = with_params(sub.add_parser("synthesize", help="clean images -> degraded webdataset shards"))
-    p.add_argument("--source", help="folder, s3://bucket/prefix or `samples` (default: params)")
-    p.add_argument("--out", help="folder or s3://bucket/prefix for the shards (default: params)")
-    p.add_argument("--count", type=int, help="samples per source image")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int)
-    p.set_defaults(func=cmd_synthesize)
-
-    p = with_params(sub.add_parser("pretrain", help="Phase I: train the backbone (+ segmentation head) on shards"))
-    p.add_argument("--shards", default="data/shards")
-    p.add_argument("--out", default="checkpoints/backbone.safetensors")
-    p.add_argument("--state", default="checkpoints/pretrain.state.pt", help="resumable training state")
-    p.add_argument("--reports", default="reports/training")
-    p.add_argument("--resume", choices=["auto", "always", "never"], default="auto",
-                   help="auto: continue an interrupted run with the same inputs (default)")
-    p.add_argument("--stop-after", type=int, help="stop (with a resumable checkpoint) after this many steps")
-    p.set_defaults(func=cmd_pretrain)
-
-    def adapter_paths(p):
-        p.add_argument("--backbone", default="checkpoints/backbone.safetensors")
-        p.add_argument("--shards", default="data/shards")
-        p.add_argument("--out-dir", default="checkpoints/adapters")
-        p.add_argument("--reports", default="reports/training/adapters")
-        return p
-
-    p = adapter_paths(with_params(sub.add_parser("adapters", help="Phase II: one adapter per degradation (concurrent jobs)")))
-    p.add_argument("--runner", choices=["prefect", "local"], default="prefect",
-                   help="prefect: concurrent jobs in a Prefect flow (default); local: one after another in this process")
-    p.set_defaults(func=cmd_adapters)
-
-    p = adapter_paths(with_params(sub.add_parser("adapter", help="Phase II: train one adapter (skipped when up to date)")))
-    p.add_argument("name", help="degradation, e.g. rain")
-    p.add_argument("--force", action="store_true", help="retrain even when up to date")
-    p.add_argument("--parent-run", help="MLflow run to nest this job's run under")
-    p.add_argument("--summary", help="write the job summary (JSON) here")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_adapter)
-
-    p = with_params(sub.add_parser("estimator", help="Phase III: train the degradation estimator"))
-    p.add_argument("--backbone", default="checkpoints/backbone.safetensors")
-    p.add_argument("--adapters", default="checkpoints/adapters")
-    p.add_argument("--shards", default="data/shards")
-    p.add_argument("--out", default="checkpoints/estimator.safetensors")
-    p.add_argument("--reports", default="reports/training")
-    p.set_defaults(func=cmd_estimator)
-
-    p = sub.add_parser("degrade", help="apply one degradation to one image")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--type", required=True, help="degradation name, e.g. rain")
-    p.add_argument("--severity", type=float, default=0.5, help="0 (none) to 1 (strongest)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_degrade)
-
-    p = with_params(sub.add_parser("preview", help="contact sheet of every degradation and composite samples"))
-    p.add_argument("output", nargs="?", default="preview.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_preview)
-
-    p = with_params(sub.add_parser("manifest", help="list the clean source images by content (data/source_manifest.json)"))
-    p.add_argument("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)")
-    p.add_argument("--out", default="data/source_manifest.json")
-    p.set_defaults(func=cmd_manifest)
-
-    p = sub.add_parser("flow", help="run the pipeline (or synthesis alone) as Prefect flows instead of DVC stages")
-    p.add_argument("name", choices=["pipeline", "synthesize"])
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--source", help="clean images (default: params synthesize.source)")
-    p.set_defaults(func=cmd_flow)
-
-    p = sub.add_parser("retrain", help="retrain when the clean source changed (dvc repro, push, gate) as a Prefect flow")
-    p.add_argument("--source", help="set synthesize.source first")
-    p.add_argument("--profile", help="apply a params profile first")
-    p.add_argument("--project", default=".", help="the project checkout (default: here)")
-    p.add_argument("--no-push", action="store_true", help="do not `dvc push` to the default remote")
-    p.add_argument("--force", action="store_true", help="run even when nothing changed")
-    p.set_defaults(func=cmd_retrain)
-
-    p = sub.add_parser("serve", help="serve the retrain (scheduled) and promote flows from this machine (flow.serve)")
-    p.add_argument("--cron", default="0 3 * * 1", help="retrain schedule (default: Mondays 03:00)")
-    p.add_argument("--project", default=".")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("profile", help="merge a params overlay (profiles/NAME.yaml) into params.yaml")
-    p.add_argument("action", choices=["apply"])
-    p.add_argument("profile", help="a name under profiles/ (gpu, minimal, bench) or a YAML path")
-    p.add_argument("--params", default="params.yaml")
-    p.set_defaults(func=cmd_profile)
-
-    import importlib
-
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        if command.params:
+            with_params(p)
+        for names, options in command.args:
+            p.add_argument(*names, **options)
+        p.set_defaults(func=command.run)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_commands(sub, with_params)
     return parser

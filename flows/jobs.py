@@ -58,22 +58,24 @@ def pretrain_task(cfg: dict, shards: str, out: str, state_path: str, reports: st
 
 @task(name="adapter", task_run_name="adapter-{name}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_bad_input)
-def adapter_job(name: str, params_path: str, overrides: list[str], backbone: str, shards: str, out_dir: str,
-                reports: str, device: str, threads: int, parent_run_id: str | None) -> dict:
+def adapter_job(name: str, cfg: dict, backbone: str, shards: str, out_dir: str, reports: str, device: str,
+                threads: int, parent_run_id: str | None) -> dict:
     """Train one adapter in its own process: its own GPU (CUDA_VISIBLE_DEVICES) or CPU threads,
-    and a crash or a killed worker becomes a retry instead of taking the flow down."""
+    and a crash or a killed worker becomes a retry instead of taking the flow down. The process
+    reads the `adapters` section `cfg` as the flow resolved it (overrides applied, device
+    chosen) from a params file of its own: nothing is parsed or decided twice."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    sets = list(overrides)
+    section = dict(cfg)
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        sets.append("device=cuda")
+        section["device"] = "cuda"
     elif device == "cpu":
-        sets.append("device=cpu")
+        section["device"] = "cpu"
     with tempfile.TemporaryDirectory(prefix="abair-job-") as tmp:
-        summary = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "flows.cli", "adapter", name, "--params", params_path, "--backbone", backbone,
+        params, summary = Path(tmp) / "params.json", Path(tmp) / "summary.json"
+        params.write_text(json.dumps({"adapters": section}))  # JSON is YAML: the params loader reads it
+        cmd = [sys.executable, "-m", "flows.cli", "adapter", name, "--params", str(params), "--backbone", backbone,
                "--shards", shards, "--out-dir", out_dir, "--reports", reports, "--summary", str(summary), "--no-progress"]
-        cmd += [arg for item in sets for arg in ("--set", item)]
         if parent_run_id:
             cmd += ["--parent-run", parent_run_id]
         returncode = subprocess.run(cmd, env=env).returncode

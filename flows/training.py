@@ -1,6 +1,7 @@
-"""Prefect flows for the training phases. They compose tasks (tasks/jobs.py) and add what
+"""Prefect flows for the training phases. They compose tasks (flows/jobs.py) and add what
 Prefect is for: concurrency (adapter jobs in parallel, one per GPU or a bounded CPU pool),
-retries, and artifacts people read in the UI."""
+retries, and artifacts people read in the UI. The entry points (`run_adapters_flow`,
+`training_flow`) read params once; everything below them takes sections."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flows import jobs
 from tasks.core import tracking
 from tasks.train.adapters import prune_adapters
 from tasks.core.errors import AbairError
-from tasks.core.params import load_params
+from tasks.core.params import Params, load_params
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,9 @@ def results_table(results: list[dict]) -> str:
 
 
 @flow(name="abair-adapters")
-def adapters_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  backbone: str = "checkpoints/backbone.safetensors", shards: str = "data/shards",
+def adapters_flow(cfg: dict, backbone: str = "checkpoints/backbone.safetensors", shards: str = "data/shards",
                   out_dir: str = "checkpoints/adapters", reports: str = "reports/training/adapters") -> list[dict]:
-    overrides = list(overrides or [])
-    cfg = load_params(params_path, "adapters", overrides)
+    """One job per degradation of the `adapters` section `cfg`, concurrently."""
     removed = prune_adapters(cfg, out_dir)
     if removed:
         log.info("adapters: removed %s (no longer in params)", removed)
@@ -58,8 +57,8 @@ def adapters_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     devices, threads, _ = plan_devices(cfg, len(names))
     with tracking.start_run("adapters", tags={"abair.stage": "adapters"}) as run:
         run.log_params({"degradations": names, "devices": devices})
-        futures = [jobs.adapter_job.submit(name, params_path, overrides, backbone, shards, out_dir, reports,
-                                           devices[i], threads[i], run.run_id) for i, name in enumerate(names)]
+        futures = [jobs.adapter_job.submit(name, cfg, backbone, shards, out_dir, reports, devices[i], threads[i],
+                                           run.run_id) for i, name in enumerate(names)]
         results = [f.result() for f in futures]
     table = results_table(results)
     create_markdown_artifact(table, key="abair-adapters", description="Phase II adapters")
@@ -86,10 +85,14 @@ def task_runner(cfg: dict):
     return ThreadPoolTaskRunner(max_workers=parallel)
 
 
+def run_adapters(cfg: dict, **paths) -> list[dict]:
+    """Run adapters_flow with the task runner the `adapters` section asks for, sized to the job plan."""
+    return adapters_flow.with_options(task_runner=task_runner(cfg))(cfg, **paths)
+
+
 def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[dict]:
-    """Run adapters_flow with the task runner params ask for, sized to the job plan."""
-    cfg = load_params(params_path, "adapters", overrides)
-    return adapters_flow.with_options(task_runner=task_runner(cfg))(params_path=params_path, overrides=overrides, **paths)
+    """The adapters stage from a params file and `--set` overrides of its section (read here, once)."""
+    return run_adapters(load_params(params_path, "adapters", overrides), **paths)
 
 
 @flow(name="abair-training")
@@ -97,10 +100,12 @@ def training_flow(params_path: str = "params.yaml", shards: str = "data/shards",
                   reports: str = "reports/training") -> dict:
     """Phases I-III in order as tasks (the same work `dvc repro` runs stage by stage)."""
     tracking.join_flow_pipeline_run()
-    pretrain_summary = jobs.pretrain_task(load_params(params_path, "pretrain"), shards,
-                                          f"{checkpoints}/backbone.safetensors", f"{checkpoints}/pretrain.state.pt", reports)
-    adapters = run_adapters_flow(params_path, [], backbone=f"{checkpoints}/backbone.safetensors", shards=shards,
-                                 out_dir=f"{checkpoints}/adapters", reports=f"{reports}/adapters")
-    estimator_summary = jobs.estimator_task(load_params(params_path, "estimator"), f"{checkpoints}/backbone.safetensors",
-                                            f"{checkpoints}/adapters", shards, f"{checkpoints}/estimator.safetensors", reports)
+    params = Params.read(params_path)
+    backbone = f"{checkpoints}/backbone.safetensors"
+    pretrain_summary = jobs.pretrain_task(params.section("pretrain"), shards, backbone,
+                                          f"{checkpoints}/pretrain.state.pt", reports)
+    adapters = run_adapters(params.section("adapters"), backbone=backbone, shards=shards,
+                            out_dir=f"{checkpoints}/adapters", reports=f"{reports}/adapters")
+    estimator_summary = jobs.estimator_task(params.section("estimator"), backbone, f"{checkpoints}/adapters", shards,
+                                            f"{checkpoints}/estimator.safetensors", reports)
     return {"pretrain": pretrain_summary, "adapters": adapters, "estimator": estimator_summary}

@@ -158,7 +158,8 @@ def make_components(folder: Path, names=("rain", "haze"), seed: int = 0) -> Path
     import torch
 
     from models.adapters import AdapterBank
-    from models.backbone import build_backbone, save_backbone
+    from models.backbone import build_backbone
+    from models.identity import save_backbone
     from models.estimator import Estimator, save_estimator
 
     generator = torch.Generator().manual_seed(seed)

@@ -153,7 +153,7 @@ def trained_backbone(tmp_path, tiny_shards, train_params) -> Path:
 def test_phase2_leaves_the_backbone_bytes_identical_and_skips_when_up_to_date(tmp_path, tiny_shards, train_params,
                                                                                trained_backbone):
     from models.adapters import read_adapter_metadata
-    from models.backbone import fingerprint, load_backbone
+    from models.identity import fingerprint, load_backbone
 
     before = sha256(trained_backbone)
     fp = fingerprint(load_backbone(trained_backbone))
@@ -235,7 +235,7 @@ def test_two_process_gloo_ddp_keeps_replicas_in_sync(tmp_path, tiny_shards, trai
     metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text())
     fingerprints = metrics["replica_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
-    from models.backbone import read_backbone_metadata
+    from models.identity import read_backbone_metadata
 
     assert json.loads(read_backbone_metadata(tmp_path / "backbone.safetensors")["steps"]) == 4
 

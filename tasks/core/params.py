@@ -1,4 +1,6 @@
-"""params.yaml: load a section, apply `key.path=value` overrides, hash what a stage depends on."""
+"""params.yaml, parsed once: an entry point (a CLI command, a flow) reads the file and its
+`--set` overrides into a `Params` and hands sections down as plain dicts; what runs below never
+sees a params path. Also the hash of what a stage depends on."""
 
 from __future__ import annotations
 
@@ -29,21 +31,45 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+class Params:
+    """The merged params (the file, then the overrides), handed out one section at a time."""
+
+    def __init__(self, values: dict, source: str | Path = DEFAULT_PARAMS):
+        self.values, self.source = values, Path(source)
+
+    @classmethod
+    def read(cls, path: str | Path = DEFAULT_PARAMS, overrides: Iterable[str] = (),
+             within: str | None = None) -> "Params":
+        """Read `path` and apply `a.b.c=value` overrides (values parsed as YAML): keys relative
+        to section `within` when given (a stage command's `--set`), else to the whole file."""
+        path = Path(path)
+        if not path.is_file():
+            raise AbairError(path, "params file not found")
+        try:
+            values = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AbairError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+        params = cls(values, path)
+        if within is None:
+            params.values = apply_overrides(values, overrides)
+        else:
+            params.values[within] = apply_overrides(params.section(within), overrides)
+        return params
+
+    def section(self, name: str, optional: bool = False) -> dict:
+        """A copy of section `name`; a missing one is an error unless `optional` (then {})."""
+        if name not in self.values:
+            if optional:
+                return {}
+            raise AbairError(self.source, f"has no `{name}` section")
+        return copy.deepcopy(self.values[name])
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, section: str | None = None,
                 overrides: Iterable[str] = ()) -> dict:
-    """Read params.yaml (or one section of it) and apply `a.b.c=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AbairError(path, "params file not found")
-    try:
-        params = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise AbairError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
-    if section is not None:
-        if section not in params:
-            raise AbairError(path, f"has no `{section}` section")
-        params = params[section]
-    return apply_overrides(params, overrides)
+    """One read for one use: the whole params dict, or one section with overrides relative to it."""
+    params = Params.read(path, overrides, within=section)
+    return params.values if section is None else params.section(section)
 
 
 def apply_overrides(params: dict, overrides: Iterable[str]) -> dict:

@@ -12,16 +12,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import degradations
+from degradations import composite
 
 from tasks.data import reader
 
 from tasks.train import loop
+from tasks.train.logs import StepLog, plot_curves
 from tasks.core.device import pick_device
 from tasks.core.errors import AbairError
 from tasks.core.metrics import psnr
@@ -63,7 +66,7 @@ class SyntheticPatch:
     def __call__(self, sample: dict, rng: np.random.Generator):
         (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
-        degraded, _ = degradations.draw(clean, rng, self.name, self.severity)
+        degraded, _ = composite.draw(clean, rng, self.name, self.severity)
         return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
@@ -113,13 +116,43 @@ def psnr_on(backbone, bank, name: str | None, pairs, device) -> float:
     return float(np.mean(values))
 
 
+@dataclass
+class TrainingData:
+    """What an adapter learns from: its paired folder, or else the shard set's clean crops."""
+
+    folder: reader.PairedFolder | None
+    index: dict | None
+
+    @classmethod
+    def of(cls, job: dict, shards: str) -> "TrainingData":
+        if job["data"]:
+            return cls(reader.PairedFolder(job["data"]), None)
+        return cls(None, reader.load_index(shards))
+
+    @property
+    def fingerprint(self) -> str:
+        return params_hash(self.folder.fingerprint) if self.folder is not None else self.index["params_hash"]
+
+
+def up_to_date(out: Path, inputs_hash: str) -> bool:
+    """The adapter file exists and was trained from these inputs."""
+    from models.adapters import read_adapter_metadata
+
+    if not out.exists():
+        return False
+    try:
+        return read_adapter_metadata(out).get("inputs_hash") == inputs_hash
+    except Exception:  # noqa: BLE001 - an unreadable old file is simply replaced
+        return False
+
+
 def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbone.safetensors",
                   shards: str = "data/shards", out_dir: str = "checkpoints/adapters",
                   reports: str = "reports/training/adapters", parent_run_id: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     """Train (or skip, when up to date) the adapter for one degradation; returns its summary."""
-    from models.adapters import AdapterBank, read_adapter_metadata
-    from models.backbone import fingerprint, load_backbone
+    from models.adapters import AdapterBank, AdapterOptions, load_kind_modules
+    from models.identity import fingerprint, load_backbone
 
     job = job_config(cfg, name)
     if name not in degradations.names() and not job["data"]:
@@ -130,73 +163,40 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
     backbone = load_backbone(backbone_path)
     backbone.drop_seg_head()
     backbone_fp = fingerprint(backbone)
-    if job["data"]:
-        folder = reader.PairedFolder(job["data"])
-        data_fingerprint = params_hash(folder.fingerprint)
-    else:
-        index = reader.load_index(shards)
-        data_fingerprint = index["params_hash"]
+    data = TrainingData.of(job, shards)
     inputs_hash = params_hash({"job": {k: v for k, v in job.items() if k not in RUNTIME_KNOBS},
-                               "backbone": backbone_fp, "data": data_fingerprint})
+                               "backbone": backbone_fp, "data": data.fingerprint})
     out = adapter_path(out_dir, name)
-    if out.exists() and not force:
-        try:
-            if read_adapter_metadata(out).get("inputs_hash") == inputs_hash:
-                log.info("adapter %s: up to date (%s), not retrained", name, out)
-                return {"name": name, "skipped": True, "path": str(out), "inputs_hash": inputs_hash}
-        except Exception:  # noqa: BLE001 - an unreadable old file is simply replaced
-            pass
+    if not force and up_to_date(out, inputs_hash):
+        log.info("adapter %s: up to date (%s), not retrained", name, out)
+        return {"name": name, "skipped": True, "path": str(out), "inputs_hash": inputs_hash}
 
     loop.seed_everything(job["seed"])
-    bank = AdapterBank(backbone, kind=job["kind"], targets=job["targets"], rank=job["rank"], alpha=job["alpha"],
-                       hidden=job.get("hidden", 8))
+    load_kind_modules(cfg.get("kind_modules") or ())
+    bank = AdapterBank(backbone, job["kind"], AdapterOptions.from_params(job))
     bank.add(name)
     bank.freeze_backbone()
     backbone.to(device)
     parameters = bank.parameters_of(name)
-
-    if job["data"]:
-        held_out = set(folder.names[::10]) if len(folder) >= 10 else set()
-        train_folder = copy.copy(folder)
-        train_folder.names = [n for n in folder.names if n not in held_out]
-        stream = reader.PairedStream(train_folder, PairedPatch(job["patch"]), seed=job["seed"])
-    else:
-        stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
-                                  SyntheticPatch(name, job["patch"], tuple(job["severity"])), seed=job["seed"])
-    loader = reader.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))
+    loader = train_loader(job, name, shards, data)
 
     from tasks.core import tracking
 
     with tracking.start_run(f"adapter {name}", parent_run_id=parent_run_id,
                             tags={"abair.stage": "adapters", "abair.adapter": name, "abair.inputs_hash": inputs_hash}) as run:
         run.log_params({**job, "backbone_fingerprint": backbone_fp, "trainable_parameters": sum(p.numel() for p in parameters)})
-        steplog = loop.StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
-        ones = torch.ones(job["batch"], 1)
-
-        def loss_fn(batch):
-            degraded, clean = (t.to(device, non_blocking=True) for t in batch)
-            with bank.weights(ones[: degraded.shape[0]]):
-                restored = backbone(degraded)
-            return loop.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
-
+        steplog = StepLog(Path(reports) / f"{name}.tsv", ["loss", "lr", "img_per_s"], run)
         backbone.train()
-        losses = loop.fit(loss_fn, parameters, job, loader.batches(0, job["steps"]), job["steps"], device,
-                              steplog, desc=f"adapter {name}", progress=progress)
+        losses = loop.fit(loop.Training(parameters, job, device), adapter_loss(backbone, bank, job, device),
+                          loader.batches(0, job["steps"]), job, job["steps"], device, steplog=steplog,
+                          desc=f"adapter {name}", progress=progress)
         backbone.eval()
         if fingerprint(backbone) != backbone_fp:
             raise AbairError(backbone_path, f"the backbone changed while training adapter {name} (it must stay frozen)")
-        pairs = validation_pairs(job, name, shards, index if not job["data"] else None)
-        val = {}
-        if pairs:
-            val = {"val_psnr_input": float(np.mean([float(psnr(reader.to_tensor(d)[None], reader.to_tensor(c)[None])) for d, c in pairs])),
-                   "val_psnr_backbone": psnr_on(backbone, bank, None, pairs, device),
-                   "val_psnr_adapter": psnr_on(backbone, bank, name, pairs, device)}
-        metadata = {"inputs_hash": inputs_hash, "data": job["data"] or f"synthetic:{name}",
-                    "severity": json.dumps(job["severity"]), "steps": str(job["steps"]),
-                    **{k: f"{v:.4f}" for k, v in val.items()}}
-        bank.save(name, out, degradation=name, extra_metadata=metadata)
-        curves = loop.plot_curves(steplog.read(), ["loss", "lr"], Path(reports) / f"{name}_curves.png",
-                                      f"Phase II adapter: {name} ({job['kind']}, rank {job['rank']})")
+        val = validate_adapter(backbone, bank, name, validation_pairs(job, name, shards, data.index), device)
+        bank.save(name, out, degradation=name, extra_metadata=adapter_metadata(job, name, inputs_hash, val))
+        curves = plot_curves(steplog.read(), ["loss", "lr"], Path(reports) / f"{name}_curves.png",
+                             f"Phase II adapter: {name} ({job['kind']}, rank {job['rank']})")
         run.log_metrics({"final_loss": float(np.mean(losses[-10:])), **val}, job["steps"])
         run.log_artifact(out)
         run.log_artifact(curves)
@@ -204,6 +204,49 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbo
              job["steps"], float(np.mean(losses[-10:])), val.get("val_psnr_input", float("nan")),
              val.get("val_psnr_backbone", float("nan")), val.get("val_psnr_adapter", float("nan")), out)
     return {"name": name, "skipped": False, "path": str(out), "inputs_hash": inputs_hash, "losses": losses, **val}
+
+
+def train_loader(job: dict, name: str, shards: str, data: TrainingData) -> reader.SegmentedLoader:
+    """The job's patches: the paired folder less its held-out tenth, or synthetic ones."""
+    if data.folder is not None:
+        folder = data.folder
+        held_out = set(folder.names[::10]) if len(folder) >= 10 else set()
+        train_folder = copy.copy(folder)
+        train_folder.names = [n for n in folder.names if n not in held_out]
+        stream = reader.PairedStream(train_folder, PairedPatch(job["patch"]), seed=job["seed"])
+    else:
+        stream = reader.ShardStream(reader.shard_urls(shards, "train", data.index),
+                                    SyntheticPatch(name, job["patch"], tuple(job["severity"])), seed=job["seed"])
+    return reader.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))
+
+
+def adapter_loss(backbone, bank, job: dict, device: torch.device):
+    """The loop's loss: the backbone with this job's adapter at full weight, against the clean patch."""
+    ones = torch.ones(job["batch"], 1)
+
+    def loss_fn(batch):
+        degraded, clean = (t.to(device, non_blocking=True) for t in batch)
+        with bank.weights(ones[: degraded.shape[0]]):
+            restored = backbone(degraded)
+        return loop.restoration_loss(restored.float(), clean, job.get("loss", "l1")), {}
+
+    return loss_fn
+
+
+def validate_adapter(backbone, bank, name: str, pairs, device: torch.device) -> dict:
+    """Held-out PSNR of the input, of the backbone alone and with the adapter ({} without pairs)."""
+    if not pairs:
+        return {}
+    return {"val_psnr_input": float(np.mean([float(psnr(reader.to_tensor(d)[None], reader.to_tensor(c)[None])) for d, c in pairs])),
+            "val_psnr_backbone": psnr_on(backbone, bank, None, pairs, device),
+            "val_psnr_adapter": psnr_on(backbone, bank, name, pairs, device)}
+
+
+def adapter_metadata(job: dict, name: str, inputs_hash: str, val: dict) -> dict:
+    """What the adapter file records beyond the bank's own: its inputs, data, severity, steps, scores."""
+    return {"inputs_hash": inputs_hash, "data": job["data"] or f"synthetic:{name}",
+            "severity": json.dumps(job["severity"]), "steps": str(job["steps"]),
+            **{k: f"{v:.4f}" for k, v in val.items()}}
 
 
 def prune_adapters(cfg: dict, out_dir: str | Path) -> list[str]:

@@ -16,14 +16,17 @@ import numpy as np
 import torch
 
 import degradations
+from degradations import composite
 import torch.nn.functional as F
 
 from tasks.data import reader
 
 from tasks.train import loop
+from tasks.train.logs import StepLog, plot_curves
 from tasks.core.device import pick_device
 from tasks.core.errors import AbairError
 from tasks.core.params import params_hash
+from tasks.core.storage import atomic_path
 from tasks.core.components import adapter_files, file_sha256, load_bank
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class EstimatorSample:
                 degraded, clean = self._paired(source, rng)
             else:
                 clean = sample["clean"].astype(np.float32) / 255.0
-                degraded, _ = degradations.draw(clean, rng, source["name"], tuple(source["severity"]))
+                degraded, _ = composite.draw(clean, rng, source["name"], tuple(source["severity"]))
             target[k] = 1.0
         else:
             mask = sample["mask"]
@@ -133,22 +136,12 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
     the current estimator grown by one output). Its class names must be the adapters' names; its
     output order is kept, and its architecture wins over cfg's width/crops/sizes.
     """
-    from models.backbone import fingerprint, load_backbone
     from models.estimator import Estimator, save_estimator
 
     device = pick_device(cfg.get("device", "auto"))
     index = reader.load_index(shards)
     files = adapter_files(adapters_dir)
-    sources = adapter_sources(files)
-    start = None
-    if init is not None:
-        from models.estimator import load_estimator
-
-        start = load_estimator(init)
-        order = start.class_names or []
-        if sorted(order) != sorted(s["name"] for s in sources):
-            raise AbairError(init, f"has outputs {order} but the adapters in {adapters_dir} are {[s['name'] for s in sources]}")
-        sources = sorted(sources, key=lambda s: order.index(s["name"]))
+    sources, start = starting_point(adapter_sources(files), init, adapters_dir)
     names = [s["name"] for s in sources]
     inputs_hash = params_hash({"params": {k: v for k, v in cfg.items() if k not in RUNTIME_KNOBS},
                                "adapters": [s["sha256"] for s in sources], "shards": index["params_hash"],
@@ -160,8 +153,8 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
                               view_size=cfg["view_size"], random_crops=True, class_names=names).to(device)
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
-                              EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"]),
-                              seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
+                                EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"]),
+                                seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
     loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
 
     from tasks.core import tracking
@@ -169,47 +162,16 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
     with tracking.start_run("estimator", tags={"abair.stage": "estimator", "abair.inputs_hash": inputs_hash}) as run:
         run.log_params({**cfg, "adapters": names})
         reports_dir = Path(reports)
-        steplog = loop.StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
-
-        def classify(batch):
-            degraded, _, target = (t.to(device) for t in batch)
-            return soft_cross_entropy(estimator(degraded), target), {}
-
+        steplog = StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
         estimator.train()
-        losses = loop.fit(classify, list(estimator.parameters()), cfg, loader.batches(0, cfg["steps"]), cfg["steps"],
-                              device, steplog, desc="estimator", progress=progress)
+        losses = loop.fit(loop.Training(estimator.parameters(), cfg, device), classify_loss(estimator, device),
+                          loader.batches(0, cfg["steps"]), cfg, cfg["steps"], device, steplog=steplog,
+                          desc="estimator", progress=progress)
         summary = {"steps": cfg["steps"], "final_loss": float(np.mean(losses[-10:]))}
-
-        sw_steps = int(cfg.get("sw_steps", 0))
-        sw_log = loop.StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
-        if sw_steps > 0:
-            # Tune through the restoration itself: the estimator learns which blend restores best.
-            backbone = load_backbone(backbone_path)
-            backbone.drop_seg_head()
-            bank = load_bank(backbone, files)
-            for p in backbone.parameters():
-                p.requires_grad_(False)
-            backbone_fp = fingerprint(backbone)
-            backbone.to(device).eval()
-            columns = [bank.names.index(n) for n in names]
-            sw_cfg = {**cfg, "lr": cfg["sw_lr"], "warmup_steps": 0, "steps": sw_steps}
-
-            def blended(batch):
-                degraded, clean, _ = (t.to(device) for t in batch)
-                weights = torch.softmax(estimator(degraded).float() / cfg["temperature"], dim=1)
-                bank_weights = weights.new_zeros(weights.shape[0], len(bank))
-                bank_weights[:, columns] = weights
-                with bank.weights(bank_weights):
-                    restored = backbone(degraded)
-                return loop.restoration_loss(restored.float(), clean), {}
-
-            sw_loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
-            stream.seed = cfg["seed"] + 1
-            sw_losses = loop.fit(blended, list(estimator.parameters()), sw_cfg, sw_loader.batches(0, sw_steps), sw_steps,
-                                     device, sw_log, desc="estimator sw", progress=progress)
-            if fingerprint(backbone) != backbone_fp:
-                raise AbairError(backbone_path, "the backbone changed during the SW step (it must stay frozen)")
-            summary["sw_final_loss"] = float(np.mean(sw_losses[-10:]))
+        sw_log = StepLog(reports_dir / "estimator_sw.tsv", ["loss", "lr", "img_per_s"], run)
+        if int(cfg.get("sw_steps", 0)) > 0:
+            summary["sw_final_loss"] = tune_blend(estimator, names, files, stream, cfg, backbone_path, device,
+                                                  sw_log, progress)
 
         estimator.to("cpu")
         val = single_degradation_accuracy(estimator, sources, shards, index, cfg["seed"], cfg.get("val_samples", 16), "cpu")
@@ -217,14 +179,82 @@ def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safete
         save_estimator(estimator, out, extra_metadata={"inputs_hash": inputs_hash, "adapters": names,
                                                        "adapter_sha256": [s["sha256"] for s in sources],
                                                        "val_accuracy": f"{val['accuracy']:.4f}", "temperature": str(cfg["temperature"])})
-        reports_dir.mkdir(parents=True, exist_ok=True)
-        from tasks.core.storage import atomic_path
-
-        with atomic_path(reports_dir / "estimator.json") as tmp:
-            tmp.write_text(json.dumps({**summary, "confusion": val["confusion"], "names": names}, indent=2))
-        curves = loop.plot_curves(steplog.read(), ["loss", "lr"], reports_dir / "estimator_curves.png", "Phase III estimator")
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, cfg["steps"])
-        run.log_artifact(out)
-        run.log_artifact(curves)
+        write_reports(summary, val, names, reports_dir, steplog, run, out)
     log.info("estimator: %d outputs %s, val accuracy %.3f -> %s", len(names), names, val["accuracy"], out)
     return summary
+
+
+def starting_point(sources: list[dict], init: str | None, adapters_dir: str):
+    """(sources, estimator to fine-tune or None): with `init`, the sources in its output order."""
+    if init is None:
+        return sources, None
+    from models.estimator import load_estimator
+
+    start = load_estimator(init)
+    order = start.class_names or []
+    if sorted(order) != sorted(s["name"] for s in sources):
+        raise AbairError(init, f"has outputs {order} but the adapters in {adapters_dir} are {[s['name'] for s in sources]}")
+    return sorted(sources, key=lambda s: order.index(s["name"])), start
+
+
+def classify_loss(estimator, device: torch.device):
+    """The loop's loss for the first step: soft cross-entropy against the target weights."""
+
+    def loss_fn(batch):
+        degraded, _, target = (t.to(device) for t in batch)
+        return soft_cross_entropy(estimator(degraded), target), {}
+
+    return loss_fn
+
+
+def tune_blend(estimator, names: list[str], files: list[Path], stream: reader.ShardStream, cfg: dict,
+               backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> float:
+    """The SW step: tune the estimator through the restoration it blends (the estimator learns
+    which blend restores best), backbone and adapters frozen. Returns the final loss."""
+    from models.identity import fingerprint, load_backbone
+
+    sw_steps = int(cfg["sw_steps"])
+    backbone = load_backbone(backbone_path)
+    backbone.drop_seg_head()
+    bank = load_bank(backbone, files)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    backbone_fp = fingerprint(backbone)
+    backbone.to(device).eval()
+    sw_cfg = {**cfg, "lr": cfg["sw_lr"], "warmup_steps": 0, "steps": sw_steps}
+    sw_loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
+    stream.seed = cfg["seed"] + 1
+    losses = loop.fit(loop.Training(estimator.parameters(), sw_cfg, device),
+                      blended_loss(estimator, backbone, bank, names, cfg["temperature"], device),
+                      sw_loader.batches(0, sw_steps), sw_cfg, sw_steps, device, steplog=steplog, desc="estimator sw",
+                      progress=progress)
+    if fingerprint(backbone) != backbone_fp:
+        raise AbairError(backbone_path, "the backbone changed during the SW step (it must stay frozen)")
+    return float(np.mean(losses[-10:]))
+
+
+def blended_loss(estimator, backbone, bank, names: list[str], temperature: float, device: torch.device):
+    """The loop's loss for the SW step: restoration loss of the blend the estimator's softmax picks."""
+    columns = [bank.names.index(n) for n in names]
+
+    def loss_fn(batch):
+        degraded, clean, _ = (t.to(device) for t in batch)
+        weights = torch.softmax(estimator(degraded).float() / temperature, dim=1)
+        bank_weights = weights.new_zeros(weights.shape[0], len(bank))
+        bank_weights[:, columns] = weights
+        with bank.weights(bank_weights):
+            restored = backbone(degraded)
+        return loop.restoration_loss(restored.float(), clean), {}
+
+    return loss_fn
+
+
+def write_reports(summary: dict, val: dict, names: list[str], reports: Path, steplog: StepLog, run, out: str) -> None:
+    """estimator.json (summary + confusion matrix), the loss curves, and both in the MLflow run."""
+    reports.mkdir(parents=True, exist_ok=True)
+    with atomic_path(reports / "estimator.json") as tmp:
+        tmp.write_text(json.dumps({**summary, "confusion": val["confusion"], "names": names}, indent=2))
+    curves = plot_curves(steplog.read(), ["loss", "lr"], reports / "estimator_curves.png", "Phase III estimator")
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, summary["steps"])
+    run.log_artifact(out)
+    run.log_artifact(curves)

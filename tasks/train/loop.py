@@ -1,19 +1,23 @@
-"""What the three training phases share: devices, DDP, the LR schedule, EMA, losses, resumable
-state, SIGTERM handling, step logs (TSV for DVC plots + MLflow), curves and sample grids.
+"""The one training loop all three phases drive (`fit`), and what it is made of: processes and
+DDP, the LR schedule, AdamW, EMA, the restoration loss, resumable state, SIGTERM.
 
-No framework: each phase keeps one explicit loop (see tasks/pretrain.py) and calls these."""
+nanoGPT's style: one explicit loop, its knobs from the phase's params section (lr, min_lr,
+warmup_steps, betas, weight_decay, grad_clip, amp, batch, log_every); each phase (pretrain.py,
+adapters.py, estimator.py) says only what differs: its model, data, loss, validation, outputs.
+The order of a step is part of the result: LR, autocast forward, zero_grad, backward, clip,
+step, EMA update. A resumed run replays exactly the updates of an uninterrupted one."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from tasks.core.errors import AbairError
 from tasks.core.storage import atomic_path
+from tasks.train.logs import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,17 @@ def autocast(device: torch.device, amp: str = "auto"):
     if device.type == "cuda" and amp in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_module(model: nn.Module, dist: Dist, device: torch.device, compile: bool = False) -> nn.Module:
+    """The module the loop calls: `model` in DDP across processes, compiled on request. EMA,
+    resumable state and gradient clipping keep using `model` itself."""
+    wrapped = model
+    if dist.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
 
 
 def seed_everything(seed: int) -> None:
@@ -185,110 +201,130 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------------------------------
-# logs, curves, sample grids
+# the loop
 
-class StepLog:
-    """Per-step metrics as a TSV (DVC plots) and, when a run is given, MLflow metrics."""
-
-    def __init__(self, path: str | Path, columns: list[str], run=None, resume_step: int | None = None):
-        self.path, self.columns, self.run = Path(path), ["step", *columns], run
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if resume_step is not None and self.path.exists():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f, delimiter="\t") if int(r["step"]) < resume_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, delimiter="\t")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.columns, delimiter="\t", extrasaction="ignore").writerow(
-                {"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})
-        if self.run is not None:
-            self.run.log_metrics(metrics, step)
-
-    def read(self) -> dict[str, list[float]]:
-        with self.path.open() as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        return {c: [float(r[c]) if r.get(c) not in (None, "") else float("nan") for r in rows] for c in self.columns}
+# A phase's loss: batch -> (loss tensor, {name: extra scalar to log}).
+LossFn = Callable[[object], tuple]
 
 
-def plot_curves(table: Mapping[str, list[float]], columns: list[str], path: str | Path, title: str) -> Path:
-    import matplotlib
+class Training:
+    """What a run carries from step to step, and what its resumable state holds: AdamW over
+    `parameters`, an optional EMA of `module`, the step reached and every step's loss."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, parameters: Iterable[nn.Parameter], cfg: Mapping, device: torch.device,
+                 module: nn.Module | None = None, ema_decay: float | None = None):
+        self.parameters = list(parameters)
+        self.optimizer = make_optimizer(self.parameters, cfg, device)
+        self.module = module
+        self.ema = EMA(module, ema_decay) if ema_decay is not None else None
+        self.step = 0
+        self.losses: list[float] = []
+        self.stopped = False  # set when the run stopped early (SIGTERM, stop_after) with its state saved
 
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
-    for ax, column in zip(axes[0], columns):
-        ax.plot(table["step"], table[column], lw=1.2)
-        ax.set_title(column)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if column.startswith(("loss", "l1", "seg", "ce")) and min(v for v in table[column] if v == v) > 0:
-            ax.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    def state_dict(self, inputs_hash: str) -> dict:
+        return {"step": self.step, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
+                "losses": self.losses, "inputs_hash": inputs_hash}
 
-
-def sample_grid(rows: list[list[np.ndarray]], path: str | Path, labels: list[str]) -> Path:
-    """Rows of float HxWx3 images (same size) side by side, a label above each column."""
-    import cv2
-
-    from tasks.core import imageio
-
-    tiles = [np.concatenate([imageio.to_uint8(img) for img in row], 1) for row in rows]
-    grid = np.concatenate(tiles, 0)
-    width = rows[0][0].shape[1]
-    header = np.zeros((18, grid.shape[1], 3), np.uint8)
-    for i, label in enumerate(labels):
-        cv2.putText(header, label, (i * width + 3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-    imageio.write_image(path, np.concatenate([header, grid], 0))
-    return Path(path)
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.step, self.losses = state["step"], state["losses"]
 
 
-# ---------------------------------------------------------------------------------------------
-# the small loop Phase II and III share (Phase I has its own: DDP, EMA, resume)
+@dataclass
+class Checkpoints:
+    """A long run's resumable state: written every `every` steps and when the run stops early
+    (SIGTERM, or after `stop_after` steps: tests and time-boxed jobs), read back by `resume`
+    when it belongs to the same inputs."""
 
-def fit(loss_fn, parameters: list[nn.Parameter], cfg: Mapping, batches, total_steps: int, device: torch.device,
-        steplog: StepLog | None = None, desc: str = "train", progress: bool = True) -> list[float]:
-    """AdamW with warm-up + cosine over `batches` ((step, batch) pairs); `loss_fn(batch)` returns
-    (loss tensor, dict of extra scalars to log). Returns the loss of every step."""
-    import time
+    path: Path
+    every: int
+    inputs_hash: str
+    stop_after: int | None = None
 
+    def resume(self, training: Training, mode: str, desc: str, total_steps: int) -> None:
+        """mode: auto (continue a matching interrupted run), always, never."""
+        if mode != "never" and self.path.exists():
+            state = load_state(self.path)
+            if state.get("inputs_hash") == self.inputs_hash or mode == "always":
+                training.load_state_dict(state)
+                log.info("%s: resuming at step %d of %d from %s", desc, training.step, total_steps, self.path)
+            else:
+                log.info("%s: %s belongs to other inputs; starting afresh", desc, self.path)
+        elif mode == "always":
+            raise AbairError(self.path, "no training state to resume from")
+
+    def after_step(self, training: Training, stop: StopSignal, total_steps: int, main: bool) -> bool:
+        """Save the state when due (by the main process); True when the run stops here."""
+        done = training.step
+        stopping = stop.requested or (self.stop_after is not None and done >= self.stop_after)
+        if main and (done % self.every == 0 or stopping) and done < total_steps:
+            save_state(self.path, training.state_dict(self.inputs_hash))
+        return stopping and done < total_steps
+
+
+class StepReport:
+    """Every `log_every` steps and at the last: loss, the phase's extra scalars, LR, images per
+    second (and peak GPU memory) to the step log and the progress bar."""
+
+    def __init__(self, steplog: StepLog | None, bar, cfg: Mapping, world: int, device: torch.device, total_steps: int):
+        self.steplog, self.bar, self.device, self.total_steps = steplog, bar, device, total_steps
+        self.every = cfg.get("log_every", 10)
+        self.images = cfg["batch"] * world * self.every
+        self.last = time.perf_counter()
+
+    def __call__(self, done: int, loss: float, extra: Mapping, lr: float) -> None:
+        if done % self.every != 0 and done != self.total_steps:
+            return
+        now = time.perf_counter()
+        metrics = {"loss": loss, **{k: float(v) for k, v in extra.items()}, "lr": lr,
+                   "img_per_s": self.images / max(now - self.last, 1e-9)}
+        if self.device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.last = now
+        if self.steplog is not None:
+            self.steplog.write(done, metrics)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
+
+
+def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps: int, device: torch.device, *,
+        steplog: StepLog | None = None, desc: str = "train", progress: bool = True,
+        checkpoints: Checkpoints | None = None, dist: Dist = Dist(), keep_bar: bool = False) -> list[float]:
+    """Train over `batches` ((step, batch) pairs from `training.step` on) to `total_steps`, or
+    until a stop request when `checkpoints` make the run resumable (then `training.stopped`).
+    Returns every step's loss."""
     from tqdm import tqdm
 
-    optimizer = make_optimizer(parameters, cfg, device)
-    losses: list[float] = []
-    log_every = cfg.get("log_every", 10)
-    last = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for step, batch in batches:
-        lr = warmup_cosine(step, total_steps, cfg.get("warmup_steps", 0), cfg["lr"], cfg.get("min_lr", 0.0))
-        set_lr(optimizer, lr)
-        with autocast(device, cfg.get("amp", "auto")):
-            loss, extra = loss_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(parameters, cfg["grad_clip"])
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        done = step + 1
-        if done % log_every == 0 or done == total_steps:
-            now = time.perf_counter()
-            images = cfg["batch"] * log_every / max(now - last, 1e-9)
-            last = now
-            if steplog is not None:
-                steplog.write(done, {"loss": losses[-1], **{k: float(v) for k, v in extra.items()}, "lr": lr,
-                                     "img_per_s": images})
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{images:.1f}")
-        bar.update(1)
-    bar.close()
-    return losses
+    bar = tqdm(total=total_steps, initial=training.step, desc=desc, unit="step",
+               disable=not (progress and dist.main), leave=keep_bar)
+    report = StepReport(steplog, bar, cfg, dist.world, device, total_steps) if dist.main else None
+    optimizer = training.optimizer
+    try:
+        with StopSignal() if checkpoints is not None else contextlib.nullcontext() as stop:
+            for step, batch in batches:
+                lr = warmup_cosine(step, total_steps, cfg.get("warmup_steps", 0), cfg["lr"], cfg.get("min_lr", 0.0))
+                set_lr(optimizer, lr)
+                with autocast(device, cfg.get("amp", "auto")):
+                    loss, extra = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(training.parameters, cfg["grad_clip"])
+                optimizer.step()
+                if training.ema is not None:
+                    training.ema.update(training.module)
+                training.losses.append(float(loss.detach()))
+                training.step = step + 1
+                if report is not None:
+                    report(training.step, training.losses[-1], extra, lr)
+                bar.update(1)
+                if checkpoints is not None and checkpoints.after_step(training, stop, total_steps, dist.main):
+                    training.stopped = True
+                    break
+    finally:
+        bar.close()
+    return training.losses

@@ -5,15 +5,16 @@ loss = restoration (L1 or Charbonnier) + seg_weight * BCE(seg logits, per-pixel 
 AdamW, linear warm-up then cosine, gradient clipping, EMA weights (the EMA is what is saved and
 validated), bf16 autocast and channels-last on CUDA, optional torch.compile, DDP under torchrun.
 A resumable state is written every `checkpoint_every` steps and on SIGTERM; a resumed run
-replays exactly the batches and updates of an uninterrupted one (see tasks/data.py).
+replays exactly the batches and updates of an uninterrupted one (see tasks/train/loop.py
+and tasks/data/reader.py). The loop is the shared one; this file says what Phase I is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tasks.data import reader
 
 from tasks.train import loop
+from tasks.train.logs import StepLog, plot_curves, sample_grid
 from tasks.core.device import pick_device
 from tasks.core.errors import AbairError
 from tasks.core.metrics import psnr
@@ -57,7 +59,7 @@ def pretrain_loss(model, degraded: torch.Tensor, clean: torch.Tensor, bits: torc
 
 def check_replicas(model: torch.nn.Module, dist: loop.Dist) -> list[str]:
     """Every rank's weight fingerprint; DDP replicas that drifted apart are an error."""
-    from models.backbone import fingerprint
+    from models.identity import fingerprint
 
     mine = fingerprint(model)
     if dist.world == 1:
@@ -114,151 +116,133 @@ def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/bac
     """Train the backbone. `cfg` is the `pretrain` params section. `resume`: auto (continue a
     matching interrupted run), always, never. `stop_after` ends the run after that many steps as
     SIGTERM would (checkpoint, no outputs), for tests and time-boxed jobs."""
-    from tqdm import tqdm
-
-    from models.backbone import build_backbone, save_backbone
-
     dist = loop.init_distributed(cfg.get("device", "auto"))
     device = pick_device(cfg.get("device", "auto"), dist.local_rank)
     index = reader.load_index(shards)
-    classes = index["classes"]
-    train_urls = reader.shard_urls(shards, "train", index)
     if index["crop_size"] < cfg["patch"]:
         raise AbairError(f"{shards}/index.json", f"crops are {index['crop_size']} px, smaller than pretrain.patch {cfg['patch']}")
     inputs_hash = params_hash({"params": {k: v for k, v in cfg.items() if k not in RUNTIME_KNOBS},
                                "shards": index["params_hash"], "world": dist.world})
     total_steps = int(cfg["steps"])
-    segment_steps = int(cfg.get("segment_steps") or cfg["checkpoint_every"])
 
     loop.seed_everything(cfg["seed"])
+    model = build_model(cfg, len(index["classes"]), device)
+    training = loop.Training(model.parameters(), cfg, device, module=model, ema_decay=cfg["ema_decay"])
+    checkpoints = loop.Checkpoints(Path(state_path), cfg["checkpoint_every"], inputs_hash, stop_after)
+    checkpoints.resume(training, resume, "pretrain", total_steps)
+    train_model = loop.training_module(model, dist, device, cfg.get("compile"))
+    loader = train_loader(cfg, shards, index)
+
+    run = open_run(cfg, shards, index, inputs_hash, dist, device)
+    steplog = StepLog(Path(reports) / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
+                      resume_step=training.step) if dist.main else None
+    model.train()
+    with run if run is not None else contextlib.nullcontext():
+        loop.fit(training, batch_loss(train_model, cfg, device), loader.batches(training.step, total_steps), cfg,
+                 total_steps, device, steplog=steplog, desc="pretrain", progress=progress, checkpoints=checkpoints,
+                 dist=dist, keep_bar=True)
+        if training.stopped:
+            result = stopped(training, run)
+        else:
+            result = {"steps": total_steps, "final_loss": float(np.mean(training.losses[-20:])),
+                      "losses": training.losses, "replica_fingerprints": check_replicas(model, dist)}
+            if dist.main:
+                backbone, val, examples = validate_ema(model, training.ema, shards, index, device)
+                result.update(val)
+                metadata = {"classes": index["classes"], "inputs_hash": inputs_hash, "shards_hash": index["params_hash"],
+                            "steps": total_steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
+                save_outputs(backbone, metadata, result, examples, Path(out), Path(reports), steplog, run,
+                             f"Phase I ({cfg['model']['size']}, {total_steps} steps)")
+                checkpoints.path.unlink(missing_ok=True)
+    loop.close_distributed()
+    return result
+
+
+def build_model(cfg: dict, n_classes: int, device: torch.device) -> torch.nn.Module:
+    """The backbone with its segmentation head (one output per degradation class); channels-last on CUDA."""
+    from models.backbone import build_backbone
+
     model_cfg = cfg["model"]
-    model = build_backbone(model_cfg["size"], seg_classes=len(classes), prompt=model_cfg.get("prompt", False),
+    model = build_backbone(model_cfg["size"], seg_classes=n_classes, prompt=model_cfg.get("prompt", False),
                            **model_cfg.get("overrides", {})).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = loop.make_optimizer(model.parameters(), cfg, device)
-    ema = loop.EMA(model, cfg["ema_decay"])
-    start_step, losses = 0, []
+    return model
 
-    state_file = Path(state_path)
-    if resume != "never" and state_file.exists():
-        state = loop.load_state(state_file)
-        if state.get("inputs_hash") == inputs_hash or resume == "always":
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema"])
-            loop.set_rng_state(state["rng"])
-            start_step, losses = state["step"], state["losses"]
-            log.info("pretrain: resuming at step %d of %d from %s", start_step, total_steps, state_file)
-        else:
-            log.info("pretrain: %s belongs to other inputs; starting afresh", state_file)
-    elif resume == "always":
-        raise AbairError(state_file, "no training state to resume from")
 
-    train_model = model
-    if dist.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    if cfg.get("compile"):
-        train_model = torch.compile(train_model)
+def train_loader(cfg: dict, shards: str, index: dict) -> reader.SegmentedLoader:
+    """The train split as seeded segments of `checkpoint_every` steps (what makes resuming exact)."""
+    stream = reader.ShardStream(reader.shard_urls(shards, "train", index), PretrainSample(cfg["patch"], len(index["classes"])),
+                                seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256),
+                                on_error=cfg.get("on_corrupt", "raise"))
+    segment_steps = int(cfg.get("segment_steps") or cfg["checkpoint_every"])
+    return reader.SegmentedLoader(stream, cfg["batch"], segment_steps, workers=cfg.get("workers", 0))
 
-    stream = reader.ShardStream(train_urls, PretrainSample(cfg["patch"], len(classes)), seed=cfg["seed"],
-                              shuffle_buffer=cfg.get("shuffle_buffer", 256), on_error=cfg.get("on_corrupt", "raise"))
-    loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps, workers=cfg.get("workers", 0))
 
-    run = None
-    if dist.main:
-        from tasks.core import tracking
+def batch_loss(model: torch.nn.Module, cfg: dict, device: torch.device):
+    """The loop's loss: a batch on the device (channels-last on CUDA) through `pretrain_loss`."""
 
-        run = tracking.start_run("pretrain", tags={"abair.stage": "pretrain", "abair.inputs_hash": inputs_hash})
-        run.log_params({**cfg, "classes": classes, "shards": shards, "world_size": dist.world,
-                        "effective_batch": cfg["batch"] * dist.world, "device": str(device)})
-    reports_dir = Path(reports)
-    steplog = loop.StepLog(reports_dir / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
-                               resume_step=start_step) if dist.main else None
+    def loss_fn(batch):
+        degraded, clean, bits = (t.to(device, non_blocking=True) for t in batch)
+        if device.type == "cuda":
+            degraded = degraded.contiguous(memory_format=torch.channels_last)
+        loss, restore_loss, seg_loss = pretrain_loss(model, degraded, clean, bits, cfg)
+        return loss, {"restore": restore_loss.detach(), "seg": seg_loss.detach()}
 
-    model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=not (progress and dist.main))
-    last_time, interrupted = time.perf_counter(), False
-    try:
-        with loop.StopSignal() as stop:
-            for step, (degraded, clean, bits) in loader.batches(start_step, total_steps):
-                degraded, clean, bits = (t.to(device, non_blocking=True) for t in (degraded, clean, bits))
-                if device.type == "cuda":
-                    degraded = degraded.contiguous(memory_format=torch.channels_last)
-                lr = loop.warmup_cosine(step, total_steps, cfg["warmup_steps"], cfg["lr"], cfg["min_lr"])
-                loop.set_lr(optimizer, lr)
-                with loop.autocast(device, cfg.get("amp", "auto")):
-                    loss, restore_loss, seg_loss = pretrain_loss(train_model, degraded, clean, bits, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.get("grad_clip"):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                optimizer.step()
-                ema.update(model)
-                losses.append(float(loss.detach()))
+    return loss_fn
 
-                done = step + 1
-                if dist.main and (done % cfg.get("log_every", 10) == 0 or done == total_steps):
-                    now = time.perf_counter()
-                    metrics = {"loss": float(loss.detach()), "restore": float(restore_loss.detach()), "seg": float(seg_loss.detach()), "lr": lr,
-                               "img_per_s": cfg["batch"] * dist.world * cfg.get("log_every", 10) / max(now - last_time, 1e-9)}
-                    if device.type == "cuda":
-                        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    last_time = now
-                    steplog.write(done, metrics)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
-                bar.update(1)
-                stopping = stop.requested or (stop_after is not None and done >= stop_after)
-                if dist.main and (done % cfg["checkpoint_every"] == 0 or stopping) and done < total_steps:
-                    loop.save_state(state_file, {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                     "ema": ema.state_dict(), "rng": loop.rng_state(),
-                                                     "losses": losses, "inputs_hash": inputs_hash})
-                if stopping and done < total_steps:
-                    interrupted = True
-                    log.warning("pretrain: stopped at step %d; `abair pretrain --resume auto` continues", done)
-                    break
-    except BaseException:
-        if run is not None:
-            run.end("FAILED")
-        raise
-    finally:
-        bar.close()
 
-    if interrupted:
-        if run is not None:
-            run.set_tags({"abair.interrupted_at": len(losses)})
-            run.end("KILLED")
-        loop.close_distributed()
-        return {"interrupted": True, "step": len(losses), "losses": losses}
+def open_run(cfg: dict, shards: str, index: dict, inputs_hash: str, dist: loop.Dist, device: torch.device):
+    """The stage's MLflow run, opened by the main process only (None elsewhere)."""
+    if not dist.main:
+        return None
+    from tasks.core import tracking
 
-    summary = {"steps": total_steps, "final_loss": float(np.mean(losses[-20:])), "losses": losses,
-               "replica_fingerprints": check_replicas(model, dist)}
-    if dist.main:
-        ema_model = copy.deepcopy(model)
-        ema.copy_to(ema_model)
-        val = validate(ema_model, reader.shard_urls(shards, "val", index), device, keep=6) if index["splits"]["val"]["samples"] else {}
-        examples = val.pop("examples", [])
-        summary.update(val)
-        ema_model = ema_model.to("cpu").float()
-        metadata = {"classes": classes, "inputs_hash": inputs_hash, "shards_hash": index["params_hash"],
-                    "steps": total_steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
-        save_backbone(ema_model, out, extra_metadata=metadata)
-        reports_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {k: v for k, v in summary.items() if k != "losses"}
-        with atomic_path(reports_dir / "pretrain.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2))
-        curves = loop.plot_curves(steplog.read(), ["loss", "restore", "seg", "lr"], reports_dir / "pretrain_curves.png",
-                                      f"Phase I ({model_cfg['size']}, {total_steps} steps)")
-        artifacts = [curves, Path(out)]
-        if examples:
-            artifacts.append(loop.sample_grid(examples, reports_dir / "pretrain_samples.png", ["degraded", "restored", "clean"]))
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, total_steps)
-        for artifact in artifacts:
-            run.log_artifact(artifact)
-        run.end()
-        state_file.unlink(missing_ok=True)
-        log.info("pretrain: %d steps, val PSNR %.2f dB -> %.2f dB (%+.2f dB); backbone -> %s", total_steps,
-                 val.get("val_psnr_input", float("nan")), val.get("val_psnr_restored", float("nan")),
-                 val.get("val_psnr_gain", float("nan")), out)
-    loop.close_distributed()
-    return summary
+    run = tracking.start_run("pretrain", tags={"abair.stage": "pretrain", "abair.inputs_hash": inputs_hash})
+    run.log_params({**cfg, "classes": index["classes"], "shards": shards, "world_size": dist.world,
+                    "effective_batch": cfg["batch"] * dist.world, "device": str(device)})
+    return run
+
+
+def stopped(training: loop.Training, run) -> dict:
+    """A run stopped early: its state is saved, no outputs are written."""
+    step = len(training.losses)
+    log.warning("pretrain: stopped at step %d; `abair pretrain --resume auto` continues", step)
+    if run is not None:
+        run.set_tags({"abair.interrupted_at": step})
+        run.end("KILLED")
+    return {"interrupted": True, "step": step, "losses": training.losses}
+
+
+def validate_ema(model: torch.nn.Module, ema: loop.EMA, shards: str, index: dict, device: torch.device):
+    """The EMA weights (what is saved), on the CPU in float32, with their validation metrics and
+    sample rows (degraded, restored, clean)."""
+    ema_model = copy.deepcopy(model)
+    ema.copy_to(ema_model)
+    val = validate(ema_model, reader.shard_urls(shards, "val", index), device, keep=6) if index["splits"]["val"]["samples"] else {}
+    examples = val.pop("examples", [])
+    return ema_model.to("cpu").float(), val, examples
+
+
+def save_outputs(backbone: torch.nn.Module, metadata: dict, summary: dict, examples: list, out: Path, reports: Path,
+                 steplog: StepLog, run, title: str) -> None:
+    """The backbone file, pretrain.json, curves and samples, and all of it in the MLflow run."""
+    from models.identity import save_backbone
+
+    steps = summary["steps"]
+    save_backbone(backbone, out, extra_metadata=metadata)
+    reports.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in summary.items() if k != "losses"}
+    with atomic_path(reports / "pretrain.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    curves = plot_curves(steplog.read(), ["loss", "restore", "seg", "lr"], reports / "pretrain_curves.png", title)
+    artifacts = [curves, out]
+    if examples:
+        artifacts.append(sample_grid(examples, reports / "pretrain_samples.png", ["degraded", "restored", "clean"]))
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, steps)
+    for artifact in artifacts:
+        run.log_artifact(artifact)
+    run.end()
+    log.info("pretrain: %d steps, val PSNR %.2f dB -> %.2f dB (%+.2f dB); backbone -> %s", steps,
+             summary.get("val_psnr_input", float("nan")), summary.get("val_psnr_restored", float("nan")),
+             summary.get("val_psnr_gain", float("nan")), out)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from tasks.core import paths
 from tasks.core.errors import AbairError
 
 # Prefect's ephemeral server (used when PREFECT_API_URL is unset) gets 20 s to start and SQLite
@@ -106,7 +107,7 @@ def cmd_adapter(args) -> None:
 def cmd_adapters(args) -> None:
     cfg = stage_params(args, "adapters")
     if args.runner == "prefect":
-        from flows.training import run_adapters
+        from flows.adapters import run_adapters
 
         run_adapters(cfg, backbone=args.backbone, shards=args.shards, out_dir=args.out_dir, reports=args.reports)
         return
@@ -172,7 +173,7 @@ def cmd_profile(args) -> None:
 
 def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--params and --set: the options of every command that reads a params section."""
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", default=paths.PARAMS, help="params file (default: params.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a value of this stage's params section, e.g. --set crop_size=128")
     return p
@@ -192,8 +193,8 @@ class Command:
     params: bool = False  # reads a params section: --params and --set first
 
 
-ADAPTER_PATHS = (arg("--backbone", default="checkpoints/backbone.safetensors"), arg("--shards", default="data/shards"),
-                 arg("--out-dir", default="checkpoints/adapters"), arg("--reports", default="reports/training/adapters"))
+ADAPTER_PATHS = (arg("--backbone", default=paths.BACKBONE), arg("--shards", default=paths.SHARDS),
+                 arg("--out-dir", default=paths.ADAPTERS), arg("--reports", default=paths.ADAPTER_REPORTS))
 
 COMMANDS: tuple[Command, ...] = (
     Command("synthesize", "clean images -> degraded webdataset shards", cmd_synthesize, params=True, args=(
@@ -203,10 +204,10 @@ COMMANDS: tuple[Command, ...] = (
         arg("--seed", type=int),
         arg("--workers", type=int))),
     Command("pretrain", "Phase I: train the backbone (+ segmentation head) on shards", cmd_pretrain, params=True, args=(
-        arg("--shards", default="data/shards"),
-        arg("--out", default="checkpoints/backbone.safetensors"),
-        arg("--state", default="checkpoints/pretrain.state.pt", help="resumable training state"),
-        arg("--reports", default="reports/training"),
+        arg("--shards", default=paths.SHARDS),
+        arg("--out", default=paths.BACKBONE),
+        arg("--state", default=paths.PRETRAIN_STATE, help="resumable training state"),
+        arg("--reports", default=paths.TRAINING_REPORTS),
         arg("--resume", choices=["auto", "always", "never"], default="auto",
             help="auto: continue an interrupted run with the same inputs (default)"),
         arg("--stop-after", type=int, help="stop (with a resumable checkpoint) after this many steps"))),
@@ -222,11 +223,11 @@ COMMANDS: tuple[Command, ...] = (
         arg("--summary", help="write the job summary (JSON) here"),
         arg("--no-progress", action="store_true"))),
     Command("estimator", "Phase III: train the degradation estimator", cmd_estimator, params=True, args=(
-        arg("--backbone", default="checkpoints/backbone.safetensors"),
-        arg("--adapters", default="checkpoints/adapters"),
-        arg("--shards", default="data/shards"),
-        arg("--out", default="checkpoints/estimator.safetensors"),
-        arg("--reports", default="reports/training"))),
+        arg("--backbone", default=paths.BACKBONE),
+        arg("--adapters", default=paths.ADAPTERS),
+        arg("--shards", default=paths.SHARDS),
+        arg("--out", default=paths.ESTIMATOR),
+        arg("--reports", default=paths.TRAINING_REPORTS))),
     Command("degrade", "apply one degradation to one image", cmd_degrade, args=(
         arg("input"),
         arg("output"),
@@ -239,10 +240,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("manifest", "list the clean source images by content (data/source_manifest.json)", cmd_manifest,
             params=True, args=(
         arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)"),
-        arg("--out", default="data/source_manifest.json"))),
+        arg("--out", default=paths.SOURCE_MANIFEST))),
     Command("flow", "run the pipeline (or synthesis alone) as Prefect flows instead of DVC stages", cmd_flow, args=(
         arg("name", choices=["pipeline", "synthesize"]),
-        arg("--params", default="params.yaml"),
+        arg("--params", default=paths.PARAMS),
         arg("--source", help="clean images (default: params synthesize.source)"))),
     Command("retrain", "retrain when the clean source changed (dvc repro, push, gate) as a Prefect flow", cmd_retrain, args=(
         arg("--source", help="set synthesize.source first"),
@@ -256,7 +257,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("profile", "merge a params overlay (profiles/NAME.yaml) into params.yaml", cmd_profile, args=(
         arg("action", choices=["apply"]),
         arg("profile", help="a name under profiles/ (gpu, minimal, bench) or a YAML path"),
-        arg("--params", default="params.yaml"))),
+        arg("--params", default=paths.PARAMS))),
 )
 
 # Modules that add their own subcommands: each has add_commands(subparsers, with_params).
@@ -279,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_adapter_kinds(params_path: str | None) -> None:
+    """Adapter kinds from outside the package (params `adapters.kind_modules`) register before any
+    command runs: every stage that loads adapter files (estimator, evaluate, register, restore)
+    must know them, not only the one that trains them. Nothing is imported when none are listed."""
+    from pathlib import Path
+
+    path = Path(params_path or paths.PARAMS)
+    if not path.is_file():
+        return
+    from tasks.core.params import Params
+
+    modules = (Params.read(path).section("adapters", optional=True) or {}).get("kind_modules") or []
+    if modules:
+        from models.adapters import load_kind_modules
+
+        load_kind_modules(modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in PREFECT_DEFAULTS.items():
@@ -289,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         # Prefect's client logs every API request through httpx at INFO: noise between our lines.
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        load_adapter_kinds(getattr(args, "params", None))
         args.func(args)
     except Exception as exc:  # noqa: BLE001 - user errors become one line; the rest keep their traceback
         if not user_error(exc):

@@ -6,15 +6,32 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows import jobs
+from flows.retry import retry_unless_bad_input
 
-from tasks.core import tracking
+from tasks.core import paths, tracking
 from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def evaluate_task(cfg: dict, checkpoints: str, shards: str, reports: str | None) -> dict:
+    from tasks.evaluate.stage import evaluate
+
+    return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=reports, progress=False)
+
+@task(name="evaluate-candidate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def evaluate_candidate_task(cfg: dict, checkpoints: str, shards: str) -> dict:
+    """Evaluate a folder of components without touching reports/ (the DVC stage's outputs)."""
+    from tasks.evaluate.stage import evaluate
+
+    return evaluate(cfg, checkpoints=checkpoints, shards=shards, reports=None, progress=False)
 
 TABLE_DESCRIPTIONS = {
     "known": "Table 1: known degradations (PSNR/SSIM per set, params)",
@@ -38,10 +55,10 @@ def publish_artifacts(metrics: dict, cfg: dict, reports: str | None) -> None:
 
 
 @flow(name="abair-evaluate")
-def evaluate_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  checkpoints: str = "checkpoints", shards: str = "data/shards", reports: str = "reports") -> dict:
+def evaluate_flow(params_path: str = paths.PARAMS, overrides: list[str] | None = None,
+                  checkpoints: str = paths.CHECKPOINTS, shards: str = paths.SHARDS, reports: str = paths.REPORTS) -> dict:
     tracking.join_flow_pipeline_run()
     cfg = load_params(params_path, "evaluate", list(overrides or []))
-    metrics = jobs.evaluate_task(cfg, checkpoints, shards, reports)
+    metrics = evaluate_task(cfg, checkpoints, shards, reports)
     publish_artifacts(metrics, cfg, reports)
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.core import paths
 from tasks.core.params import load_params
 
 
@@ -20,10 +21,10 @@ def cmd_evaluate(args) -> None:
 
 def add_commands(sub, with_params) -> None:
     p = with_params(sub.add_parser("evaluate", help="paper-style evaluation: known, unseen and mixed degradations"))
-    p.add_argument("--checkpoints", default="checkpoints",
+    p.add_argument("--checkpoints", default=paths.CHECKPOINTS,
                    help="folder with backbone.safetensors, adapters/, estimator.safetensors")
-    p.add_argument("--shards", default="data/shards", help="shard set whose validation images the synthetic sets use")
-    p.add_argument("--reports", default="reports", help="writes metrics.json, summary.json, results.md and plots/ here")
+    p.add_argument("--shards", default=paths.SHARDS, help="shard set whose validation images the synthetic sets use")
+    p.add_argument("--reports", default=paths.REPORTS, help="writes metrics.json, summary.json, results.md and plots/ here")
     p.add_argument("--runner", choices=["local", "prefect"], default="local",
                    help="local: run in this process (default); prefect: as a flow, with table and markdown artifacts")
     p.add_argument("--no-progress", action="store_true")

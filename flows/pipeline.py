@@ -10,20 +10,29 @@ Each step is the same Prefect task (retries declared there) the other flows use.
 from __future__ import annotations
 
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows import jobs
+from flows.retry import retry_unless_bad_input
 
-from tasks.core import tracking
+from tasks.core import paths, tracking
 from tasks.core.params import load_params
 
 
+@task(name="synthesize", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def synthesize_task(cfg: dict, source: str | None = None, out: str | None = None) -> dict:
+    from tasks.data.synthesize import synthesize
+
+    return synthesize(cfg, source=source, out=out, progress=False)
+
+
 @flow(name="abair-synthesize")
-def synthesize_flow(params_path: str = "params.yaml", source: str | None = None, out: str = "data/shards",
+def synthesize_flow(params_path: str = paths.PARAMS, source: str | None = None, out: str = paths.SHARDS,
                     overrides: list[str] | None = None) -> dict:
     cfg = load_params(params_path, "synthesize", overrides or ())
-    index = jobs.synthesize_task(cfg, source, out)
+    index = synthesize_task(cfg, source, out)
     counts = index["counts"]
     lines = [f"## Shards: {counts['samples']} samples from {counts['sources_used']} images ({out})", "",
              "| class | pixel fraction |", "|---|---|"]
@@ -36,8 +45,8 @@ def synthesize_flow(params_path: str = "params.yaml", source: str | None = None,
 
 
 @flow(name="abair-pipeline")
-def pipeline_flow(params_path: str = "params.yaml", source: str | None = None, shards: str = "data/shards",
-                  checkpoints: str = "checkpoints", reports: str = "reports") -> dict:
+def pipeline_flow(params_path: str = paths.PARAMS, source: str | None = None, shards: str = paths.SHARDS,
+                  checkpoints: str = paths.CHECKPOINTS, reports: str = paths.REPORTS) -> dict:
     """Every stage in order, under one MLflow parent run."""
     from flows.evaluate import evaluate_flow
     from flows.registry import register_flow

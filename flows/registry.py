@@ -1,7 +1,7 @@
 """Prefect flows and CLI commands for the registry end of the pipeline: register, promote,
 roll back, restore images, add a degradation.
 
-Flows compose the Prefect tasks of flows/jobs.py (retries on transient failures); the CLI runs
+Flows compose the Prefect tasks defined here (retries on transient failures); the CLI runs
 the same plain functions directly by default (what `dvc repro` calls: no Prefect server needed),
 or the flows with `--runner prefect`. prefect.yaml deploys `promote_flow`.
 """
@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import logging
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows import jobs
+from flows.retry import retry_unless_bad_input
 
-from tasks.core import tracking
-from tasks.core.params import load_params
+from tasks.core import paths, tracking
+from tasks.core.params import Params
 
 log = logging.getLogger(__name__)
 
+# Registration and promotion are safe to retry: a retry finds the versions already created by
+# content hash, and alias moves are idempotent.
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def register_task(params: dict, checkpoints: str, metrics_path: str, shards: str) -> dict:
+    from tasks.registry.register import register_evaluated
+    from tasks.serve.pyfunc import save_restorer
+
+    return register_evaluated(params, checkpoints, metrics_path, shards, save_restorer=save_restorer)
+
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def promote_task(gate: dict, eval_cfg: dict, shards: str, challenger: str | None, dry_run: bool) -> dict:
+    from tasks.registry.gate import promote
+
+    return promote(gate, eval_cfg=eval_cfg, shards=shards, challenger=challenger, dry_run=dry_run)
 
 def _gate_artifact(gate: dict | None) -> None:
     if gate and gate.get("table"):
@@ -29,53 +47,30 @@ def _gate_artifact(gate: dict | None) -> None:
 
 
 @flow(name="abair-register", log_prints=True)
-def register_flow(params_path: str = "params.yaml", checkpoints: str = "checkpoints",
-                  metrics_path: str = "reports/metrics.json", shards: str = "data/shards",
-                  out: str | None = "reports/registry.json", promote: bool | None = None) -> dict:
+def register_flow(params_path: str = paths.PARAMS, checkpoints: str = paths.CHECKPOINTS,
+                  metrics_path: str = paths.METRICS, shards: str = paths.SHARDS,
+                  out: str | None = paths.REGISTRY_REPORT, promote: bool | None = None) -> dict:
     """Register the evaluated components (challenger), then run the gate when `promote` (default:
     register.auto_promote)."""
     from tasks.registry.register import write_report
 
     tracking.join_flow_pipeline_run()
-    cfg = load_params(params_path, "register")
-    result = jobs.register_task(params_path, checkpoints, metrics_path, shards)
+    params = Params.read(params_path)
+    cfg = params.section("register")
+    result = register_task(params.values, checkpoints, metrics_path, shards)
     if cfg.get("auto_promote", True) if promote is None else promote:
-        eval_cfg = load_params(params_path).get("evaluate") or {}
-        result["gate"] = jobs.promote_task(cfg["gate"], eval_cfg, shards, None, False)
+        result["gate"] = promote_task(cfg["gate"], params.section("evaluate", optional=True), shards, None, False)
         _gate_artifact(result["gate"])
     return write_report(result, out)
 
 
 @flow(name="abair-promote", log_prints=True)
-def promote_flow(params_path: str = "params.yaml", dry_run: bool = False, challenger: str | None = None,
-                 shards: str = "data/shards", overrides: list[str] | None = None) -> dict:
+def promote_flow(params_path: str = paths.PARAMS, dry_run: bool = False, challenger: str | None = None,
+                 shards: str = paths.SHARDS, overrides: list[str] | None = None) -> dict:
     """Compare the challenger with the champion on one evaluation suite and move `champion` when
     the gate (params: register.gate) passes."""
-    cfg = load_params(params_path, "register", overrides or ())
-    eval_cfg = load_params(params_path).get("evaluate") or {}
-    result = jobs.promote_task(cfg["gate"], eval_cfg, shards, challenger, dry_run)
+    params = Params.read(params_path, overrides or (), within="register")
+    result = promote_task(params.section("register")["gate"], params.section("evaluate", optional=True), shards,
+                          challenger, dry_run)
     _gate_artifact(result)
     return result
-
-
-@flow(name="abair-add-degradation", log_prints=True)
-def add_degradation_flow(name: str, data: str | None = None, params_path: str = "params.yaml",
-                         overrides: list[str] | None = None, base: str = "checkpoints", out: str | None = None,
-                         shards: str = "data/shards", promote: bool = False) -> dict:
-    """One new adapter + the estimator refit with K+1 outputs, evaluated and registered."""
-    from tasks.registry import add_degradation as steps
-
-    steps.check_name(name, data)
-    out = str(out or steps.default_out(name))
-    reports = f"reports/add-degradation/{name}"
-    params = steps.effective_params(params_path, overrides or [], name, data)
-    stage = str(steps.staging_dir(out))
-    prepared = jobs.prepare_degradation_task(name, base, stage)
-    adapter = jobs.new_adapter_task(params, name, stage, shards, reports)
-    estimator = jobs.refit_estimator_task(params, stage, shards, reports)
-    unchanged = jobs.check_unchanged_task(stage, prepared["base_dir_hashes"])
-    metrics = jobs.evaluate_candidate_task(params.get("evaluate") or {}, stage, shards)
-    return jobs.publish_degradation_task(name, params, stage, out, metrics, shards, reports, prepared, adapter,
-                                         estimator, unchanged, promote)
-
-

@@ -3,7 +3,8 @@ flows/registry.py so the CLI starts without importing Prefect."""
 
 from __future__ import annotations
 
-from tasks.core.params import load_params
+from tasks.core import paths
+from tasks.core.params import Params
 
 
 def cmd_register(args) -> None:
@@ -20,12 +21,12 @@ def cmd_register(args) -> None:
         register.register_stage(args.params, args.set, args.checkpoints, args.metrics, args.shards, args.out,
                                 save_restorer=save_restorer)
         return
-    result = register.register_evaluated(args.params, args.checkpoints, args.metrics, args.shards,
+    params = Params.read(args.params, args.set or (), within="register")
+    result = register.register_evaluated(params.values, args.checkpoints, args.metrics, args.shards,
                                          save_restorer=save_restorer)
     if promote:
-        cfg = load_params(args.params, "register", args.set or ())
-        result["gate"] = gate.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {},
-                                      shards=args.shards)
+        result["gate"] = gate.promote(params.section("register")["gate"],
+                                      eval_cfg=params.section("evaluate", optional=True), shards=args.shards)
     register.write_report(result, args.out)
 
 
@@ -37,8 +38,8 @@ def cmd_promote(args) -> None:
 
         promote_flow(args.params, args.dry_run, args.challenger, args.shards, list(args.set or ()))
         return
-    cfg = load_params(args.params, "register", args.set or ())
-    gate.promote(cfg["gate"], eval_cfg=load_params(args.params).get("evaluate") or {}, shards=args.shards,
+    params = Params.read(args.params, args.set or (), within="register")
+    gate.promote(params.section("register")["gate"], eval_cfg=params.section("evaluate", optional=True), shards=args.shards,
                  challenger=args.challenger, dry_run=args.dry_run)
 
 
@@ -58,7 +59,7 @@ def cmd_restore(args) -> None:
 
 def cmd_add_degradation(args) -> None:
     if args.runner == "prefect":
-        from flows.registry import add_degradation_flow
+        from flows.add_degradation import add_degradation_flow
 
         add_degradation_flow(args.name, args.data, args.params, list(args.set or ()), args.base, args.out, args.shards,
                              args.promote)
@@ -80,10 +81,10 @@ def add_commands(sub, with_params) -> None:
 
     p = runner(with_params(sub.add_parser("register", help="register the evaluated components in MLflow (alias challenger), "
                                                            "then run the promotion gate (register.auto_promote)")))
-    p.add_argument("--checkpoints", default="checkpoints")
-    p.add_argument("--metrics", default="reports/metrics.json")
-    p.add_argument("--shards", default="data/shards")
-    p.add_argument("--out", default="reports/registry.json", help="report of what was registered and the gate verdict")
+    p.add_argument("--checkpoints", default=paths.CHECKPOINTS)
+    p.add_argument("--metrics", default=paths.METRICS)
+    p.add_argument("--shards", default=paths.SHARDS)
+    p.add_argument("--out", default=paths.REGISTRY_REPORT, help="report of what was registered and the gate verdict")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--promote", dest="promote", action="store_const", const=True, default=None,
                        help="run the gate after registering (default: register.auto_promote)")
@@ -93,7 +94,7 @@ def add_commands(sub, with_params) -> None:
     p = runner(with_params(sub.add_parser("promote", help="gate the challenger against the champion; move `champion` on pass")))
     p.add_argument("--dry-run", action="store_true", help="print the comparison table, change nothing")
     p.add_argument("--challenger", metavar="VERSION", help="an abair-restorer version (default: the `challenger` alias)")
-    p.add_argument("--shards", default="data/shards", help="shard set the evaluation suite draws from (re-evaluation)")
+    p.add_argument("--shards", default=paths.SHARDS, help="shard set the evaluation suite draws from (re-evaluation)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", help="move `champion` back to the `previous` version")
@@ -121,8 +122,8 @@ def add_commands(sub, with_params) -> None:
     p._option_string_actions["--set"].help = "override any params value, section first, e.g. --set adapters.steps=300"
     p.add_argument("name", help="degradation, e.g. jpeg, bitdepth or snow")
     p.add_argument("--data", metavar="FOLDER", help="paired folder (input/, target/) instead of synthetic samples")
-    p.add_argument("--base", default="checkpoints", help="components to extend: a folder or models:/abair-restorer@champion")
+    p.add_argument("--base", default=paths.CHECKPOINTS, help="components to extend: a folder or models:/abair-restorer@champion")
     p.add_argument("--out", help="folder for the extended components (default: checkpoints/with-NAME)")
-    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--shards", default=paths.SHARDS)
     p.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
     p.set_defaults(func=cmd_add_degradation)

@@ -19,11 +19,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.core import paths
 from tasks.core.params import load_params
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "data/source_manifest.json"
+MANIFEST = paths.SOURCE_MANIFEST
 
 
 @task(name="source-manifest", retries=3, retry_delay_seconds=[5, 30, 120], cache_policy=NO_CACHE)
@@ -53,8 +54,8 @@ def has_default_remote(project: str) -> bool:
 
 
 def report(project: Path, manifest: dict, pushed: bool) -> str:
-    metrics = json.loads((project / "reports/metrics.json").read_text()) if (project / "reports/metrics.json").exists() else {}
-    registry = json.loads((project / "reports/registry.json").read_text()) if (project / "reports/registry.json").exists() else {}
+    metrics = json.loads((project / paths.METRICS).read_text()) if (project / paths.METRICS).exists() else {}
+    registry = json.loads((project / paths.REGISTRY_REPORT).read_text()) if (project / paths.REGISTRY_REPORT).exists() else {}
     groups = sorted({k.split("/")[2] for k in metrics if k.startswith("summary/") and k.count("/") == 3})
     modes = [m for m in ("input", "none", "oh", "sw", "oracle") if any(f"/{m}/psnr" in k for k in metrics)]
     lines = [f"## ABAIR retraining: {len(manifest['files'])} source images ({manifest['hash']})", "",
@@ -81,7 +82,7 @@ def retrain_flow(source: str | None = None, profile: str | None = None, project_
     from tasks.core.profiles import apply_profile, merge_into_params
 
     project = Path(project_dir).resolve()
-    params_path = project / "params.yaml"
+    params_path = project / paths.PARAMS
     if profile:
         apply_profile(profile, params_path, profiles=project / "profiles")
     if source:
@@ -105,5 +106,5 @@ def retrain_flow(source: str | None = None, profile: str | None = None, project_
     summary = report(project, manifest, pushed)
     print(summary)
     create_markdown_artifact(summary, key="abair-retrain", description="ABAIR scheduled retraining")
-    registry = json.loads((project / "reports/registry.json").read_text()) if (project / "reports/registry.json").exists() else {}
+    registry = json.loads((project / paths.REGISTRY_REPORT).read_text()) if (project / paths.REGISTRY_REPORT).exists() else {}
     return {"status": "retrained", "manifest": manifest["hash"], "pushed": pushed, "gate": registry.get("gate")}

@@ -1,111 +1,47 @@
-"""Prefect flows for the training phases. They compose tasks (flows/jobs.py) and add what
-Prefect is for: concurrency (adapter jobs in parallel, one per GPU or a bounded CPU pool),
-retries, and artifacts people read in the UI. The entry points (`run_adapters_flow`,
-`training_flow`) read params once; everything below them takes sections."""
+"""Phases I-III as one Prefect flow (the same work `dvc repro` runs stage by stage): Phase I and
+III are tasks here, Phase II is the adapters flow (flows/adapters.py). Params are read once, at
+the flow's entry; everything below takes sections."""
 
 from __future__ import annotations
 
-import logging
-import os
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
-
-from flows import jobs
-
-from tasks.core import tracking
-from tasks.train.adapters import prune_adapters
-from tasks.core.errors import AbairError
-from tasks.core.params import Params, load_params
-
-log = logging.getLogger(__name__)
+from flows.adapters import run_adapters
+from flows.retry import retry_unless_bad_input
+from tasks.core import paths, tracking
+from tasks.core.params import Params
 
 
-def plan_devices(cfg: dict, n_jobs: int) -> tuple[list[str], list[int], int]:
-    """(device per job, CPU threads per job, concurrent jobs): one job per GPU when there are
-    GPUs, else `parallel` jobs sharing the cores."""
-    import torch
+@task(name="pretrain", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def pretrain_task(cfg: dict, shards: str, out: str, state_path: str, reports: str) -> dict:
+    # A retry resumes from the last checkpoint (resume="auto"), it does not start over.
+    from tasks.train.pretrain import pretrain
 
-    gpus = torch.cuda.device_count() if cfg.get("device", "auto") in ("auto", "cuda") else 0
-    if gpus:
-        devices = [f"cuda:{i % gpus}" for i in range(n_jobs)]
-        parallel = min(gpus, n_jobs)
-    else:
-        devices = ["cpu"] * n_jobs
-        parallel = max(1, min(int(cfg.get("parallel", 1)), n_jobs))
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    return devices, [threads] * n_jobs, parallel
+    summary = pretrain(cfg, shards=shards, out=out, state_path=state_path, reports=reports, resume="auto", progress=False)
+    return {k: v for k, v in summary.items() if k != "losses"}
 
+@task(name="estimator", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_bad_input)
+def estimator_task(cfg: dict, backbone: str, adapters_dir: str, shards: str, out: str, reports: str) -> dict:
+    from tasks.train.estimator import train_estimator
 
-def results_table(results: list[dict]) -> str:
-    lines = ["| adapter | status | val PSNR input | backbone alone | with adapter |", "|---|---|---|---|---|"]
-    for r in results:
-        fmt = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
-        status = "up to date" if r.get("skipped") else "trained"
-        lines.append(f"| {r['name']} | {status} | {fmt('val_psnr_input')} | {fmt('val_psnr_backbone')} | {fmt('val_psnr_adapter')} |")
-    return "\n".join(lines)
-
-
-@flow(name="abair-adapters")
-def adapters_flow(cfg: dict, backbone: str = "checkpoints/backbone.safetensors", shards: str = "data/shards",
-                  out_dir: str = "checkpoints/adapters", reports: str = "reports/training/adapters") -> list[dict]:
-    """One job per degradation of the `adapters` section `cfg`, concurrently."""
-    removed = prune_adapters(cfg, out_dir)
-    if removed:
-        log.info("adapters: removed %s (no longer in params)", removed)
-    names = list(cfg["degradations"])
-    devices, threads, _ = plan_devices(cfg, len(names))
-    with tracking.start_run("adapters", tags={"abair.stage": "adapters"}) as run:
-        run.log_params({"degradations": names, "devices": devices})
-        futures = [jobs.adapter_job.submit(name, cfg, backbone, shards, out_dir, reports, devices[i], threads[i],
-                                           run.run_id) for i, name in enumerate(names)]
-        results = [f.result() for f in futures]
-    table = results_table(results)
-    create_markdown_artifact(table, key="abair-adapters", description="Phase II adapters")
-    log.info("adapters:\n%s", table)
-    return results
-
-
-def task_runner(cfg: dict):
-    """Threads on one machine (each job is its own process anyway), or Dask across machines:
-    `runner: dask` with `dask_address` of a running scheduler, or a local cluster without one."""
-    _, _, parallel = plan_devices(cfg, len(cfg["degradations"]))
-    if cfg.get("runner", "threads") == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise AbairError("params.yaml adapters.runner", "dask needs the optional extra: pip install -e \".[dask]\"") from None
-        if cfg.get("dask_address"):
-            return DaskTaskRunner(address=cfg["dask_address"])
-        return DaskTaskRunner(cluster_kwargs={"n_workers": parallel, "threads_per_worker": 1, "processes": True})
-    if cfg.get("runner", "threads") != "threads":
-        raise AbairError("params.yaml adapters.runner", f"unknown runner {cfg['runner']!r} (threads or dask)")
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=parallel)
-
-
-def run_adapters(cfg: dict, **paths) -> list[dict]:
-    """Run adapters_flow with the task runner the `adapters` section asks for, sized to the job plan."""
-    return adapters_flow.with_options(task_runner=task_runner(cfg))(cfg, **paths)
-
-
-def run_adapters_flow(params_path: str, overrides: list[str], **paths) -> list[dict]:
-    """The adapters stage from a params file and `--set` overrides of its section (read here, once)."""
-    return run_adapters(load_params(params_path, "adapters", overrides), **paths)
+    return train_estimator(cfg, backbone_path=backbone, adapters_dir=adapters_dir, shards=shards, out=out,
+                           reports=reports, progress=False)
 
 
 @flow(name="abair-training")
-def training_flow(params_path: str = "params.yaml", shards: str = "data/shards", checkpoints: str = "checkpoints",
-                  reports: str = "reports/training") -> dict:
+def training_flow(params_path: str = paths.PARAMS, shards: str = paths.SHARDS, checkpoints: str = paths.CHECKPOINTS,
+                  reports: str = paths.TRAINING_REPORTS) -> dict:
     """Phases I-III in order as tasks (the same work `dvc repro` runs stage by stage)."""
     tracking.join_flow_pipeline_run()
     params = Params.read(params_path)
-    backbone = f"{checkpoints}/backbone.safetensors"
-    pretrain_summary = jobs.pretrain_task(params.section("pretrain"), shards, backbone,
+    backbone = f"{checkpoints}/{paths.BACKBONE_FILE}"
+    pretrain_summary = pretrain_task(params.section("pretrain"), shards, backbone,
                                           f"{checkpoints}/pretrain.state.pt", reports)
     adapters = run_adapters(params.section("adapters"), backbone=backbone, shards=shards,
-                            out_dir=f"{checkpoints}/adapters", reports=f"{reports}/adapters")
-    estimator_summary = jobs.estimator_task(params.section("estimator"), backbone, f"{checkpoints}/adapters", shards,
-                                            f"{checkpoints}/estimator.safetensors", reports)
+                            out_dir=f"{checkpoints}/{paths.ADAPTER_DIR}", reports=f"{reports}/adapters")
+    estimator_summary = estimator_task(params.section("estimator"), backbone, f"{checkpoints}/{paths.ADAPTER_DIR}", shards,
+                                            f"{checkpoints}/{paths.ESTIMATOR_FILE}", reports)
     return {"pretrain": pretrain_summary, "adapters": adapters, "estimator": estimator_summary}

@@ -30,7 +30,7 @@ def stage_inputs(tmp_path, tiny_shards, train_params) -> dict:
 
 
 def run_adapters(inputs: dict, overrides=()) -> list[dict]:
-    from flows.training import run_adapters_flow
+    from flows.adapters import run_adapters_flow
 
     return run_adapters_flow(str(inputs["params"]), list(overrides), backbone=str(inputs["backbone"]),
                              shards=str(inputs["shards"]), out_dir=str(inputs["out"]), reports=str(inputs["reports"]))

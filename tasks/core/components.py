@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core.errors import AbairError
+from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 
 if TYPE_CHECKING:  # torch comes with the models, when a system loads: the file names alone stay light
     import torch
 
-BACKBONE_FILE = "backbone.safetensors"
-ADAPTER_DIR = "adapters"
-ESTIMATOR_FILE = "estimator.safetensors"
 
 
 def adapter_files(adapters_dir: str | Path) -> list[Path]:

@@ -13,9 +13,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from tasks.core import paths
 from tasks.core.errors import AbairError
 
-DEFAULT_PARAMS = "params.yaml"
+DEFAULT_PARAMS = paths.PARAMS
 
 
 class ParamsLoader(yaml.SafeLoader):

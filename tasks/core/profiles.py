@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.core import paths
 from tasks.core.errors import AbairError
 from tasks.core.params import parse_yaml
 from tasks.core.storage import atomic_path
@@ -37,7 +38,7 @@ def _merge(target, overlay: dict, where: str) -> list[str]:
     return changed
 
 
-def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml",
+def apply_profile(name_or_path: str, params_path: str | Path = paths.PARAMS,
                   profiles: str | Path = PROFILE_DIR) -> list[str]:
     """Merge a profile into params.yaml; returns the dotted keys that changed."""
     path = Path(name_or_path)
@@ -50,7 +51,7 @@ def apply_profile(name_or_path: str, params_path: str | Path = "params.yaml",
     return merge_into_params(overlay, params_path, where=str(path))
 
 
-def merge_into_params(overlay: dict, params_path: str | Path = "params.yaml", where: str = "overlay") -> list[str]:
+def merge_into_params(overlay: dict, params_path: str | Path = paths.PARAMS, where: str = "overlay") -> list[str]:
     """Merge nested values into params.yaml in place, keeping its comments; returns what changed."""
     from ruamel.yaml import YAML
 

@@ -12,9 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.core import imageio
+from tasks.core import imageio, storage
 
-from tasks.core import storage
 from tasks.data.sources import SAMPLES, list_sources
 
 

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from tasks.core import imageio
+from tasks.core import imageio, storage
 
-from tasks.core import storage
 from tasks.core.errors import AbairError
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.core import imageio
+from tasks.core import imageio, storage
 
-from tasks.core import storage
 from tasks.core.errors import AbairError
 
 SAMPLES = "samples"

@@ -17,14 +17,13 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tasks.core import imageio
+from tasks.core import imageio, paths, storage
 
-from tasks.core import storage
 from tasks.core.errors import AbairError
 from tasks.core.params import params_hash
 from tasks.data.sources import Source, SourceSkip, list_sources, load_source, split_sources
@@ -124,14 +123,112 @@ def validate(cfg: dict) -> None:
         raise AbairError(where, "crop_size must be >= 16 and samples_per_image >= 1")
 
 
+@dataclass
+class Tally:
+    """What the samples written so far add up to: per split, per class, per kind, and the skips."""
+    classes: int
+    stats: dict = field(default_factory=lambda: {split: {"samples": 0, "sources": []} for split in ("train", "val")})
+    kinds: Counter = field(default_factory=Counter)
+    skipped: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.class_pixels = np.zeros(self.classes, np.int64)
+
+    def add(self, result: SourceResult, split: str) -> None:
+        self.stats[split]["samples"] += len(result.samples)
+        self.stats[split]["sources"].append(result.source_id)
+        self.class_pixels += result.class_pixels
+        self.kinds.update(result.kinds)
+
+    @property
+    def total(self) -> int:
+        return self.stats["train"]["samples"] + self.stats["val"]["samples"]
+
+
+class ShardSink:
+    """One webdataset ShardWriter per split, writing into `staging`; a shard leaves staging (for
+    the output folder, or uploaded to S3) only once closed, complete and non-empty, and only while
+    the run has not failed."""
+
+    def __init__(self, staging: Path, out: str, cfg: dict, endpoint_url: str | None):
+        import webdataset as wds
+
+        self.out, self.endpoint_url, self.failed, self.uploaded = out, endpoint_url, False, []
+        self.writers = {split: wds.ShardWriter(str(staging / f"{split}-%06d.tar"), maxcount=cfg["shard_maxcount"],
+                                               post=self._publisher(split), verbose=0, mtime=0.0)
+                        for split in ("train", "val")}
+
+    def _publisher(self, split: str):
+        def publish(local_shard: str) -> None:
+            if self.failed or self.writers[split].count == 0:
+                os.unlink(local_shard)
+                return
+            if storage.is_s3(self.out):
+                storage.upload_file(local_shard, storage.join(self.out, Path(local_shard).name), self.endpoint_url)
+                os.unlink(local_shard)
+            self.uploaded.append(Path(local_shard).name)
+        return publish
+
+    def write(self, split: str, samples) -> None:
+        for key, members in samples:
+            self.writers[split].write({"__key__": key, **members})
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def run_sources(jobs: list, workers: int, progress: bool, sink: ShardSink, split_of: dict, tally: Tally) -> None:
+    """Synthesize every source (in `workers` forked processes) and write its samples in order."""
+    from tqdm import tqdm
+
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(synthesize_source, jobs) if pool else map(synthesize_source, jobs)
+        bar = tqdm(results, total=len(jobs), desc="synthesize", unit="image", disable=not progress)
+        for result in bar:
+            if result.skip_reason:
+                tally.skipped.append({"source": result.source_id, "reason": result.skip_reason})
+                log.warning("skipped %s: %s", result.source_id, result.skip_reason)
+                continue
+            split = split_of[result.source_id]
+            sink.write(split, result.samples)
+            tally.add(result, split)
+            bar.set_postfix(samples=tally.total, skipped=len(tally.skipped))
+    except BaseException:
+        sink.failed = True
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+        sink.close()
+
+
+def build_index(cfg: dict, source: str, tally: Tally, uploaded: list[str]) -> dict:
+    stats = tally.stats
+    for split in ("train", "val"):
+        stats[split]["shards"] = sorted(n for n in uploaded if n.startswith(split)) if stats[split]["samples"] else []
+    pixels_total = tally.total * cfg["crop_size"] ** 2
+    return {
+        "format": SHARD_FORMAT,
+        "classes": list(cfg["classes"]),
+        "crop_size": cfg["crop_size"],
+        "seed": cfg["seed"],
+        "source": source,
+        "params_hash": params_hash({k: v for k, v in cfg.items() if k not in NOT_IN_OUTPUT}),
+        "splits": stats,
+        "counts": {"samples": tally.total, "sources_used": len(stats["train"]["sources"]) + len(stats["val"]["sources"]),
+                   "sources_skipped": len(tally.skipped), "kinds": dict(sorted(tally.kinds.items()))},
+        "pixel_fractions": {c: round(float(n) / pixels_total, 6) for c, n in zip(cfg["classes"], tally.class_pixels)},
+        "skipped": tally.skipped,
+    }
+
+
 def synthesize(cfg: dict, source: str | None = None, out: str | None = None,
                progress: bool = True) -> dict:
     """Run the stage. `cfg` is the `synthesize` params section; returns the index written."""
-    import webdataset as wds
-    from tqdm import tqdm
-
     source = source or cfg["source"]
-    out = out or cfg.get("out", "data/shards")
+    out = out or cfg.get("out", paths.SHARDS)
     endpoint_url = cfg.get("endpoint_url")
     validate(cfg)
     started = time.perf_counter()
@@ -144,79 +241,15 @@ def synthesize(cfg: dict, source: str | None = None, out: str | None = None,
     local_out_ctx = storage.atomic_dir(out) if not storage.is_s3(out) else tempfile.TemporaryDirectory(prefix="abair-shards-")
     with local_out_ctx as staging:
         staging = Path(staging)
-        uploaded: list[str] = []
-        state = {"failed": False}
-
-        def publisher(split: str):
-            def publish(local_shard: str) -> None:
-                # Called by ShardWriter once a shard is closed: only complete, non-empty shards
-                # of a run that has not failed leave staging.
-                if state["failed"] or writers[split].count == 0:
-                    os.unlink(local_shard)
-                    return
-                if storage.is_s3(out):
-                    storage.upload_file(local_shard, storage.join(out, Path(local_shard).name), endpoint_url)
-                    os.unlink(local_shard)
-                uploaded.append(Path(local_shard).name)
-            return publish
-
-        writers: dict = {}
-        for split in ("train", "val"):
-            writers[split] = wds.ShardWriter(str(staging / f"{split}-%06d.tar"), maxcount=cfg["shard_maxcount"],
-                                             post=publisher(split), verbose=0, mtime=0.0)
+        sink = ShardSink(staging, out, cfg, endpoint_url)
         split_of = {s.id: "train" for s in train} | {s.id: "val" for s in val}
-        stats = {split: {"samples": 0, "sources": []} for split in ("train", "val")}
-        class_pixels = np.zeros(len(cfg["classes"]), np.int64)
-        kinds: Counter = Counter()
-        skipped = []
+        tally = Tally(len(cfg["classes"]))
         jobs = [(s, {**cfg, "endpoint_url": endpoint_url}) for s in sources]
-        workers = max(1, min(int(cfg.get("workers", 1)), len(jobs)))
-        pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-        try:
-            results = pool.imap(synthesize_source, jobs) if pool else map(synthesize_source, jobs)
-            bar = tqdm(results, total=len(jobs), desc="synthesize", unit="image", disable=not progress)
-            for result in bar:
-                if result.skip_reason:
-                    skipped.append({"source": result.source_id, "reason": result.skip_reason})
-                    log.warning("skipped %s: %s", result.source_id, result.skip_reason)
-                    continue
-                split = split_of[result.source_id]
-                for key, members in result.samples:
-                    writers[split].write({"__key__": key, **members})
-                stats[split]["samples"] += len(result.samples)
-                stats[split]["sources"].append(result.source_id)
-                class_pixels += result.class_pixels
-                kinds.update(result.kinds)
-                bar.set_postfix(samples=stats["train"]["samples"] + stats["val"]["samples"], skipped=len(skipped))
-        except BaseException:
-            state["failed"] = True
-            raise
-        finally:
-            if pool:
-                pool.terminate()
-            for writer in writers.values():
-                writer.close()
-
-        total = stats["train"]["samples"] + stats["val"]["samples"]
-        if total == 0:
-            reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
-            raise AbairError(source, f"no usable images ({len(skipped)} skipped: {dict(reasons)})")
-        for split in ("train", "val"):
-            stats[split]["shards"] = sorted(n for n in uploaded if n.startswith(split)) if stats[split]["samples"] else []
-        pixels_total = total * cfg["crop_size"] ** 2
-        index = {
-            "format": SHARD_FORMAT,
-            "classes": list(cfg["classes"]),
-            "crop_size": cfg["crop_size"],
-            "seed": cfg["seed"],
-            "source": source,
-            "params_hash": params_hash({k: v for k, v in cfg.items() if k not in NOT_IN_OUTPUT}),
-            "splits": stats,
-            "counts": {"samples": total, "sources_used": len(stats["train"]["sources"]) + len(stats["val"]["sources"]),
-                       "sources_skipped": len(skipped), "kinds": dict(sorted(kinds.items()))},
-            "pixel_fractions": {c: round(float(n) / pixels_total, 6) for c, n in zip(cfg["classes"], class_pixels)},
-            "skipped": skipped,
-        }
+        run_sources(jobs, max(1, min(int(cfg.get("workers", 1)), len(jobs))), progress, sink, split_of, tally)
+        if tally.total == 0:
+            reasons = Counter(s["reason"].split(" (")[0] for s in tally.skipped)
+            raise AbairError(source, f"no usable images ({len(tally.skipped)} skipped: {dict(reasons)})")
+        index = build_index(cfg, source, tally, sink.uploaded)
         index_bytes = json.dumps(index, indent=2).encode()
         if storage.is_s3(out):
             storage.write_bytes(storage.join(out, INDEX_NAME), index_bytes, endpoint_url)  # last: marks the set complete
@@ -224,7 +257,9 @@ def synthesize(cfg: dict, source: str | None = None, out: str | None = None,
             (staging / INDEX_NAME).write_bytes(index_bytes)
 
     elapsed = time.perf_counter() - started
+    stats = index["splits"]
     log.info("synthesize: wrote %d samples (%d train / %d val) in %d shards to %s in %.1f s (%.1f samples/s); "
-             "%d sources skipped", total, stats["train"]["samples"], stats["val"]["samples"],
-             len(stats["train"]["shards"]) + len(stats["val"]["shards"]), out, elapsed, total / elapsed, len(skipped))
+             "%d sources skipped", tally.total, stats["train"]["samples"], stats["val"]["samples"],
+             len(stats["train"]["shards"]) + len(stats["val"]["shards"]), out, elapsed, tally.total / elapsed,
+             len(tally.skipped))
     return index

@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from tasks.core import imageio, storage
+from tasks.core import imageio, paths, storage
 from tasks.core.errors import AbairError
 from tasks.core.metrics import PSNR_CAP
 from tasks.core.params import params_hash
@@ -328,7 +328,7 @@ def _file_size(uri: str) -> int | str:
         raise AbairError(uri, "file not found") from None
 
 
-def suite_fingerprint(cfg: dict, shards: str = "data/shards") -> str:
+def suite_fingerprint(cfg: dict, shards: str = paths.SHARDS) -> str:
     """A stable hash of what is evaluated (set specs and their images' identity, protocol), not of
     how (device, tiling, batch, plots): equal fingerprints mean two evaluations are comparable."""
     specs = parse_sets(cfg)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tasks.core import storage
+from tasks.core import paths, storage
 from tasks.core.errors import AbairError
 from tasks.evaluate.plots import write_plots
 from tasks.evaluate.run import (
@@ -47,7 +47,8 @@ def _estimator_temperature(path: Path) -> float:
 def load_restorer(checkpoints: str, device) -> Any:
     """The system in a checkpoints folder: backbone required; adapters and estimator optional
     (their modes are then skipped, with a warning)."""
-    from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, load_system
+    from tasks.core.components import load_system
+    from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 
     folder = Path(checkpoints)
     backbone = folder / BACKBONE_FILE
@@ -72,7 +73,7 @@ def _device(spec: str):
     return pick_device(str(spec or "auto"))
 
 
-def evaluate_restorer(restorer, cfg: dict, shards: str = "data/shards", reports: str | None = "reports",
+def evaluate_restorer(restorer, cfg: dict, shards: str = paths.SHARDS, reports: str | None = paths.REPORTS,
                       progress: bool = True, info: dict | None = None) -> dict:
     """Evaluate any restorer (an object with restore(images, mode, weights, ...) and `names`) on
     the suite of `cfg`; writes the reports when `reports` is given; returns the flat metrics."""
@@ -83,7 +84,7 @@ def evaluate_restorer(restorer, cfg: dict, shards: str = "data/shards", reports:
     specs = parse_sets(cfg)
     proto = protocol(cfg)
     device = _device(cfg.get("device", "auto"))
-    cache = cfg.get("cache", "data/eval")
+    cache = cfg.get("cache", paths.EVAL_CACHE)
     names = adapter_names(restorer)
     has_estimator = bool(names) and getattr(restorer, "estimator", None) is not None
 
@@ -143,7 +144,7 @@ def write_reports(metrics: dict, results: list[SetResult], confusion: dict | Non
             "plots": reports / "plots"}
 
 
-def evaluate(cfg: dict, checkpoints: str = "checkpoints", shards: str = "data/shards", reports: str | None = "reports",
+def evaluate(cfg: dict, checkpoints: str = paths.CHECKPOINTS, shards: str = paths.SHARDS, reports: str | None = paths.REPORTS,
              progress: bool = True) -> dict:
     """Run the stage. `cfg` is the `evaluate` params section. Loads the system from `checkpoints`
     (backbone.safetensors, adapters/*.safetensors, estimator.safetensors), writes reports (and

@@ -27,7 +27,9 @@ from typing import Callable
 
 import degradations
 from models.estimator import load_estimator, save_estimator
-from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
+from tasks.core import paths
+from tasks.core.components import adapter_files, file_sha256
+from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
 from tasks.core.params import apply_overrides, load_params, params_hash
 from tasks.core.storage import atomic_dir, atomic_path
@@ -43,7 +45,7 @@ INIT_FILE = "estimator.init.safetensors"
 
 
 def default_out(name: str) -> Path:
-    return Path("checkpoints") / f"with-{name}"
+    return Path(paths.CHECKPOINTS) / f"with-{name}"
 
 
 def staging_dir(out: str | Path) -> Path:
@@ -144,9 +146,9 @@ def publish(stage: str | Path, out: str | Path) -> Path:
     return out
 
 
-def add_degradation(name: str, params_path: str = "params.yaml", overrides: list[str] | tuple = (),
-                    data: str | None = None, base: str = "checkpoints", out: str | Path | None = None,
-                    shards: str = "data/shards", reports: str | None = None, register: bool = True,
+def add_degradation(name: str, params_path: str = paths.PARAMS, overrides: list[str] | tuple = (),
+                    data: str | None = None, base: str = paths.CHECKPOINTS, out: str | Path | None = None,
+                    shards: str = paths.SHARDS, reports: str | None = None, register: bool = True,
                     promote: bool = False, evaluator: gate.Evaluator | None = None, progress: bool = True,
                     echo: Callable[[str], None] = print, *, save_restorer: SaveRestorer) -> dict:
     """The whole flow as plain calls (the Prefect flow runs the same steps as tasks).
@@ -155,7 +157,7 @@ def add_degradation(name: str, params_path: str = "params.yaml", overrides: list
     out = Path(out or default_out(name))
     if Path(base).resolve() == out.resolve():
         raise AbairError("--out", "must differ from --base (the base components are never modified)")
-    reports = reports or f"reports/add-degradation/{name}"
+    reports = reports or f"{paths.REPORTS}/add-degradation/{name}"
     params = effective_params(params_path, overrides, name, data)
     evaluator = evaluator or gate.Evaluator()
     stage = staging_dir(out)

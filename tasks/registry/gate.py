@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from tasks.core import paths
 from tasks.core.errors import AbairError
 from tasks.evaluate.sets import GROUPS, suite_fingerprint
 from tasks.evaluate.stage import evaluate
@@ -168,7 +169,7 @@ def _record(client, ref: str, new, old, verdict: Verdict, echo: Callable[[str], 
     return verdict.passed
 
 
-def promote(gate: Mapping[str, Any], *, eval_cfg: dict | None = None, shards: str = "data/shards",
+def promote(gate: Mapping[str, Any], *, eval_cfg: dict | None = None, shards: str = paths.SHARDS,
             challenger: str | None = None, dry_run: bool = False, evaluator: Evaluator | None = None,
             echo: Callable[[str], None] = print) -> dict:
     """Run the gate for the `challenger` (alias, or a version number) and move the aliases on pass.

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from models.adapters import read_adapter_metadata
-from tasks.core import tracking
-from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE, adapter_files, file_sha256
+from tasks.core import paths, tracking
+from tasks.core.components import adapter_files, file_sha256
+from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
-from tasks.core.params import load_params, params_hash
+from tasks.core.params import Params, params_hash
 from tasks.core.storage import atomic_path
 from tasks.data import reader
 from tasks.registry.gate import Evaluator, promote
@@ -164,7 +165,7 @@ def _ensure_model(client, name: str, description: str) -> None:
                 raise
 
 
-def register(checkpoints: str | Path = "checkpoints", metrics: Mapping[str, Any] | None = None, *,
+def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, Any] | None = None, *,
              params: str, data: str, suite: str | None, save_restorer: SaveRestorer, commit: str | None = None,
              aliases: bool = True) -> dict:
     """Register the components in `checkpoints` and the composite restorer.
@@ -261,12 +262,12 @@ def read_metrics(metrics_path: str | Path) -> dict:
         raise AbairError(path, f"not valid JSON ({exc})") from None
 
 
-def register_evaluated(params_path: str = "params.yaml", checkpoints: str = "checkpoints",
-                       metrics_path: str = "reports/metrics.json", shards: str = "data/shards",
+def register_evaluated(params: dict, checkpoints: str = paths.CHECKPOINTS,
+                       metrics_path: str = paths.METRICS, shards: str = paths.SHARDS,
                        evaluator: Evaluator | None = None, echo: Callable[[str], None] = print, *,
                        save_restorer: SaveRestorer) -> dict:
-    """Register what the pipeline built, with the metrics the `evaluate` stage wrote."""
-    params = load_params(params_path)
+    """Register what the pipeline built (`params`: the whole params, for the training hash and
+    the evaluation suite), with the metrics the `evaluate` stage wrote."""
     metrics = read_metrics(metrics_path)
     suite = (evaluator or Evaluator()).suite(params.get("evaluate") or {}, shards)
     result = register(checkpoints, metrics, params=training_params_hash(params), data=data_fingerprint(shards, checkpoints),
@@ -286,18 +287,19 @@ def write_report(result: dict, out: str | Path | None) -> dict:
     return result
 
 
-def register_stage(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                   checkpoints: str = "checkpoints", metrics_path: str = "reports/metrics.json",
-                   shards: str = "data/shards", out: str | None = "reports/registry.json",
+def register_stage(params_path: str = paths.PARAMS, overrides: list[str] | None = None,
+                   checkpoints: str = paths.CHECKPOINTS, metrics_path: str = paths.METRICS,
+                   shards: str = paths.SHARDS, out: str | None = paths.REGISTRY_REPORT,
                    evaluator: Evaluator | None = None, echo: Callable[[str], None] = print, *,
                    save_restorer: SaveRestorer) -> dict:
     """The `register` DVC stage: register, then (register.auto_promote) run the gate, so a fresh
     `dvc repro` ends with a champion."""
-    cfg = load_params(params_path, "register", overrides or ())
+    params = Params.read(params_path, overrides or (), within="register")
+    cfg = params.section("register")
     evaluator = evaluator or Evaluator()
-    result = register_evaluated(params_path, checkpoints, metrics_path, shards, evaluator, echo,
+    result = register_evaluated(params.values, checkpoints, metrics_path, shards, evaluator, echo,
                                 save_restorer=save_restorer)
     if cfg.get("auto_promote", True):
-        eval_cfg = load_params(params_path).get("evaluate") or {}
-        result["gate"] = promote(cfg["gate"], eval_cfg=eval_cfg, shards=shards, evaluator=evaluator, echo=echo)
+        result["gate"] = promote(cfg["gate"], eval_cfg=params.section("evaluate", optional=True), shards=shards,
+                                 evaluator=evaluator, echo=echo)
     return write_report(result, out)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tasks.core import tracking
-from tasks.core.components import BACKBONE_FILE
+from tasks.core.paths import BACKBONE_FILE
 from tasks.core.errors import AbairError
 
 RESTORER = "abair-restorer"

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-from tasks.core.components import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
+from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
 from tasks.serve.inference import DEFAULT_MAX_PIXELS, load_restorer, restore_rgb
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # What the model class imports at load and predict time: bundled beside the whole `models`
 # package, and nothing else of `tasks` (no training, evaluation or registry code in a model).
 SERVING_CODE = ("tasks/__init__.py", "tasks/core/__init__.py", "tasks/core/errors.py", "tasks/core/device.py",
-                "tasks/core/components.py", "tasks/serve/__init__.py", "tasks/serve/inference.py",
+                "tasks/core/components.py", "tasks/core/paths.py", "tasks/serve/__init__.py", "tasks/serve/inference.py",
                 "tasks/serve/pyfunc.py")
 DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": DEFAULT_MAX_PIXELS, "tiling": "exact"}
 # What the model folder needs at load time besides its bundled code (versions as in pyproject).

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.core import imageio, storage
+from tasks.core import imageio, paths, storage
 from tasks.core.components import load_system_dir
 from tasks.core.errors import AbairError
 from tasks.registry import store
@@ -55,7 +55,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
         if version.name != store.RESTORER:
             raise AbairError(spec, f"is a {version.name} version; restoring needs an {store.RESTORER} model")
         with tempfile.TemporaryDirectory(prefix="abair-model-") as tmp:
-            folder = store.download_components(version, Path(tmp) / "checkpoints")
+            folder = store.download_components(version, Path(tmp) / paths.CHECKPOINTS)
             restorer = load_system_dir(folder, torch_device)
         return restorer, f"{spec} ({version.name} version {version.version})"
     path = Path(spec)

@@ -21,6 +21,7 @@ import torch
 import degradations
 from degradations import composite
 
+from tasks.core import paths
 from tasks.data import reader
 
 from tasks.train import loop
@@ -146,9 +147,9 @@ def up_to_date(out: Path, inputs_hash: str) -> bool:
         return False
 
 
-def train_adapter(cfg: dict, name: str, backbone_path: str = "checkpoints/backbone.safetensors",
-                  shards: str = "data/shards", out_dir: str = "checkpoints/adapters",
-                  reports: str = "reports/training/adapters", parent_run_id: str | None = None,
+def train_adapter(cfg: dict, name: str, backbone_path: str = paths.BACKBONE,
+                  shards: str = paths.SHARDS, out_dir: str = paths.ADAPTERS,
+                  reports: str = paths.ADAPTER_REPORTS, parent_run_id: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     """Train (or skip, when up to date) the adapter for one degradation; returns its summary."""
     from models.adapters import AdapterBank, AdapterOptions, load_kind_modules

@@ -19,6 +19,7 @@ import degradations
 from degradations import composite
 import torch.nn.functional as F
 
+from tasks.core import paths
 from tasks.data import reader
 
 from tasks.train import loop
@@ -126,9 +127,9 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
     return {"accuracy": float(np.trace(confusion) / max(total, 1)), "confusion": confusion.tolist(), "names": names}
 
 
-def train_estimator(cfg: dict, backbone_path: str = "checkpoints/backbone.safetensors",
-                    adapters_dir: str = "checkpoints/adapters", shards: str = "data/shards",
-                    out: str = "checkpoints/estimator.safetensors", reports: str = "reports/training",
+def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
+                    adapters_dir: str = paths.ADAPTERS, shards: str = paths.SHARDS,
+                    out: str = paths.ESTIMATOR, reports: str = paths.TRAINING_REPORTS,
                     progress: bool = True, init: str | None = None) -> dict:
     """Train the degradation estimator; `cfg` is the `estimator` params section.
 

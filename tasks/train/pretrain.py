@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks.core import paths
 from tasks.data import reader
 
 from tasks.train import loop
@@ -110,8 +111,8 @@ def validate(model: torch.nn.Module, urls: list[str], device: torch.device, batc
             "val_psnr_gain": float((p_out - p_in).mean()), "val_samples": int(p_in.numel()), "examples": examples}
 
 
-def pretrain(cfg: dict, shards: str = "data/shards", out: str = "checkpoints/backbone.safetensors",
-             state_path: str = "checkpoints/pretrain.state.pt", reports: str = "reports/training",
+def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
+             state_path: str = paths.PRETRAIN_STATE, reports: str = paths.TRAINING_REPORTS,
              resume: str = "auto", stop_after: int | None = None, progress: bool = True) -> dict:
     """Train the backbone. `cfg` is the `pretrain` params section. `resume`: auto (continue a
     matching interrupted run), always, never. `stop_after` ends the run after that many steps as

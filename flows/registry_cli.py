@@ -50,11 +50,13 @@ def cmd_rollback(args) -> None:
 
 
 def cmd_restore(args) -> None:
+    from tasks.core import imageio
     from tasks.serve.restore import restore_files
 
     restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
-                  progress=False if args.no_progress else None, tiling=args.tiling)
+                  progress=False if args.no_progress else None, tiling=args.tiling,
+                  max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS)
 
 
 def cmd_add_degradation(args) -> None:
@@ -113,6 +115,9 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--tiling", choices=["exact", "local"], default="exact",
                    help="exact: tiles inside the network, the same pixels as whole-image inference (default); "
                         "local: independent overlapping tiles, memory independent of the image size, slightly different")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="refuse images larger than this many pixels before decoding them (default: 100000000); "
+                        "not the tile budget: larger images than --max-pixels still restore in tiles")
     p.add_argument("--quality", type=int, help="JPEG output quality (default: the input's, estimated)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_restore)

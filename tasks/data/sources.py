@@ -54,7 +54,8 @@ def list_sources(spec: str, endpoint_url: str | None = None) -> list[Source]:
     return [Source(e.relpath, e.uri, e.version) for e in entries]
 
 
-def load_source(source: Source, min_size: int, endpoint_url: str | None = None) -> np.ndarray:
+def load_source(source: Source, min_size: int, endpoint_url: str | None = None,
+                max_image_pixels: int = imageio.MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one source as float32 RGB; raise SourceSkip(reason) if it is unusable."""
     if source.uri.startswith("samples:"):
         import skimage.data
@@ -64,7 +65,7 @@ def load_source(source: Source, min_size: int, endpoint_url: str | None = None) 
             raw = raw[0]
     else:
         try:
-            raw = imageio.decode(storage.read_bytes(source.uri, endpoint_url), source.uri)
+            raw = imageio.decode(storage.read_bytes(source.uri, endpoint_url), source.uri, max_image_pixels)
         except AbairError as exc:
             raise SourceSkip(exc.problem) from None
     height, width = raw.shape[:2]

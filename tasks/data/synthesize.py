@@ -34,7 +34,9 @@ INDEX_NAME = "index.json"
 SHARD_FORMAT = "abair-shards/1"
 MAX_CLASSES = 8  # the mask is one uint8 bit per class
 # Settings that change how the work runs, not what it writes.
-NOT_IN_OUTPUT = ("workers", "endpoint_url", "out", "source")
+# Not hashed into index.json: how the run executes, where it reads and writes, and the size
+# limit (whose effect, a skipped source, index.json lists by name).
+NOT_IN_OUTPUT = ("workers", "endpoint_url", "out", "source", "max_image_pixels")
 
 
 @dataclass
@@ -90,7 +92,8 @@ def synthesize_source(job: tuple[Source, dict]) -> SourceResult:
     cv2.setNumThreads(1)  # parallelism comes from the process pool
     source, cfg = job
     try:
-        clean_source = load_source(source, max(cfg["min_size"], cfg["crop_size"]), cfg.get("endpoint_url"))
+        clean_source = load_source(source, max(cfg["min_size"], cfg["crop_size"]), cfg.get("endpoint_url"),
+                                   cfg.get("max_image_pixels", imageio.MAX_IMAGE_PIXELS))
     except SourceSkip as skip:
         return SourceResult(source.id, [], skip_reason=str(skip))
     n_classes = len(cfg["classes"])

@@ -115,8 +115,8 @@ def is_jpeg(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".jpg", ".jpeg")
 
 
-def decode_image(data: bytes, name: str) -> Decoded:
-    raw = imageio.decode(data, name)   # RGB(A), as stored: uint8 / uint16 / float
+def decode_image(data: bytes, name: str, max_image_pixels: int = imageio.MAX_IMAGE_PIXELS) -> Decoded:
+    raw = imageio.decode(data, name, max_image_pixels)   # RGB(A), as stored: uint8 / uint16 / float
     if raw.ndim == 3 and raw.shape[2] == 2:  # gray + alpha (OpenCV usually expands it to 4)
         raw = np.stack([raw[:, :, 0]] * 3 + [raw[:, :, 1]], axis=2)
     channels = 1 if raw.ndim == 2 else raw.shape[2]
@@ -183,29 +183,48 @@ class Job:
     target: Path
 
 
+def expand(spec: str, out: Path) -> list[Job]:
+    """The jobs of one input: a folder (recursive, relative layout kept), a file, or a glob."""
+    path = Path(spec)
+    if path.is_dir():
+        entries = storage.list_files(path, imageio.IMAGE_SUFFIXES)
+        if not entries:
+            raise AbairError(spec, "no images in this folder")
+        return [Job(e.uri, out / e.relpath) for e in entries]
+    if path.is_file():
+        return [Job(str(path), out / path.name)]
+    if glob.has_magic(spec):
+        matches = sorted(m for m in glob.glob(spec, recursive=True)
+                         if Path(m).is_file() and m.lower().endswith(imageio.IMAGE_SUFFIXES))
+        if not matches:
+            raise AbairError(spec, "no images match this pattern")
+        return [Job(m, out / Path(m).name) for m in matches]
+    if path.is_symlink():
+        raise AbairError(spec, "a broken symbolic link (or a loop of them)")
+    raise AbairError(spec, "no such file or folder")
+
+
 def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Job]:
+    """Every input image and its output path; the first input that names nothing is an error."""
+    jobs, problems = plan_each(inputs, out, overwrite)
+    if problems:
+        raise problems[0]
+    return jobs
+
+
+def plan_each(inputs: list[str], out: str | Path, overwrite: bool = False) -> tuple[list[Job], list[AbairError]]:
     """Every input image and its output path: folders keep their relative layout, files and
-    glob matches go to `out` by name. Refuses to overwrite an input (unless `overwrite`) and to
-    write two inputs to one name."""
+    glob matches go to `out` by name; and one error per input that names nothing to restore (the
+    others go on). Refuses to overwrite an input (unless `overwrite`) and to write two inputs to
+    one name."""
     out = Path(out)
     jobs: list[Job] = []
+    problems: list[AbairError] = []
     for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            entries = storage.list_files(path, imageio.IMAGE_SUFFIXES)
-            if not entries:
-                raise AbairError(spec, "no images in this folder")
-            jobs += [Job(e.uri, out / e.relpath) for e in entries]
-        elif path.is_file():
-            jobs.append(Job(str(path), out / path.name))
-        elif glob.has_magic(spec):
-            matches = sorted(m for m in glob.glob(spec, recursive=True)
-                             if Path(m).is_file() and m.lower().endswith(imageio.IMAGE_SUFFIXES))
-            if not matches:
-                raise AbairError(spec, "no images match this pattern")
-            jobs += [Job(m, out / Path(m).name) for m in matches]
-        else:
-            raise AbairError(spec, "no such file or folder")
+        try:
+            jobs += expand(spec, out)
+        except AbairError as exc:
+            problems.append(exc)
     seen: dict[Path, str] = {}
     sources = {Path(j.source).resolve() for j in jobs}
     for job in jobs:
@@ -215,7 +234,7 @@ def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Jo
         seen[target] = job.source
         if target in sources and not overwrite:
             raise AbairError(job.source, "would be overwritten by its restored image (choose another --out, or pass --overwrite)")
-    return jobs
+    return jobs, problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +243,8 @@ def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Jo
 
 def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path = "restored", mode: str = "sw",
                   device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False,
-                  quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "exact") -> dict:
+                  quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "exact",
+                  max_image_pixels: int = imageio.MAX_IMAGE_PIXELS) -> dict:
     """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
     is reported and skipped; the run then ends with an AbairError naming how many failed."""
     from tqdm import tqdm
@@ -233,18 +253,23 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
         raise AbairError("--mode", f"must be sw or oh, got {mode!r}")
     if tiling not in ("exact", "local"):
         raise AbairError("--tiling", f"must be exact or local, got {tiling!r}")
-    jobs = plan(inputs, out, overwrite)
+    jobs, problems = plan_each(inputs, out, overwrite)
+    if not jobs:
+        raise AbairError(", ".join(inputs), "nothing to restore (" + "; ".join(str(p) for p in problems) + ")")
     restorer, described = load_model(model, device)
+    for problem in problems:
+        echo(f"error: {problem}")
     echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}")
     show_bar = len(jobs) > 1 if progress is None else progress
     bar = tqdm(jobs, desc="restore", unit="img", disable=not show_bar, dynamic_ncols=True)
     write = bar.write if show_bar else echo
-    done, failed, pixels = [], [], 0
+    done, pixels = [], 0
+    failed = [{"source": p.where, "error": p.problem} for p in problems]
     start = time.perf_counter()
     for job in bar:
         try:
             data = storage.read_bytes(job.source)
-            source = decode_image(data, job.source)
+            source = decode_image(data, job.source, max_image_pixels)
             restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels, tiling)
             encoded = encode_like(restored, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
@@ -266,7 +291,7 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
         echo(f"restored {len(done)} images ({pixels / 1e6:.2f} MP) in {seconds:.1f} s: "
              f"{summary['images_per_s']:.2f} images/s, {summary['megapixels_per_s']:.2f} MP/s")
     if failed:
-        raise AbairError(f"{len(failed)} of {len(jobs)} images", "could not be restored (errors above)")
+        raise AbairError(f"{len(failed)} of {len(jobs) + len(problems)} images", "could not be restored (errors above)")
     return summary
 
 

@@ -1,0 +1,108 @@
+"""Odd and hostile files at the decoding boundary (tasks/core/imageio.decode): every case ends in a
+result or one AbairError naming the file, and a batch (abair restore, synthesis) goes on past them."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tasks.core import imageio
+from tasks.core.errors import AbairError
+from tests.conftest import make_components, write_png
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A few hundred bytes of valid-looking PNG that declares width x height RGB pixels."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
+
+
+def encoded(ext: str, pixels: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, pixels)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".tif", ".bmp"])
+def test_declared_size_is_read_from_the_header(ext):
+    pixels = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    data = encoded(ext, pixels)
+    assert imageio.declared_size(data) == (53, 37)
+    assert imageio.decode(data, f"x{ext}").shape == (37, 53, 3)
+
+
+def hostile_cases(good_png: bytes, good_jpeg: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, a phrase the error must contain)."""
+    nan_tiff = encoded(".tiff", np.full((8, 8, 3), np.nan, np.float32))
+    return {
+        "huge.png": (png_declaring(60000, 60000), "--max-image-pixels"),
+        "empty.png": (b"", "empty file"),
+        "text.png": (b"this is not an image\n" * 4, "not a readable image"),
+        "truncated.png": (good_png[: len(good_png) // 3], "not a readable image"),
+        "truncated_header.jpg": (good_jpeg[:40], "not a readable image"),
+        "nan.tiff": (nan_tiff, "NaN"),
+    }
+
+
+@pytest.fixture
+def good_images(photos):
+    return encoded(".png", photos["coffee"][:64, :80]), encoded(".jpg", photos["chelsea"][:64, :80])
+
+
+def test_every_hostile_case_is_one_error_naming_the_file(good_images):
+    for name, (data, phrase) in hostile_cases(*good_images).items():
+        with pytest.raises(AbairError) as caught:
+            imageio.decode(data, name)
+        assert str(caught.value).startswith(f"{name}: ") and phrase in str(caught.value), str(caught.value)
+
+
+def test_the_pixel_limit_is_a_knob(good_images):
+    png, _ = good_images
+    with pytest.raises(AbairError, match="over the limit"):
+        imageio.decode(png, "small.png", max_pixels=100)
+    assert imageio.decode(png, "small.png", max_pixels=64 * 80).shape == (64, 80, 3)
+
+
+def test_restore_goes_on_past_bad_files_and_names_each(tmp_path, photos, good_images, capsys):
+    from flows.cli import main
+
+    folder = tmp_path / "in"
+    write_png(folder / "a_good.png", photos["astronaut"][:48, :64])
+    for name, (data, _) in hostile_cases(*good_images).items():
+        (folder / name).write_bytes(data)
+    write_png(folder / "z_good.png", photos["rocket"][:40, :56])
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    model = make_components(tmp_path / "model")
+    code = main(["restore", str(folder), str(loop), "--model", str(model), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_good.png", "z_good.png"]
+    for name in hostile_cases(*good_images):
+        assert f"{folder / name}: " in err.out + err.err, name
+    assert f"{loop}: a broken symbolic link" in err.out
+    assert "7 of 9 images: could not be restored" in err.err
+
+
+def test_synthesis_skips_a_hostile_source_and_reports_it(tmp_path, photo_folder, synth_cfg):
+    from tasks.data.synthesize import synthesize
+
+    (photo_folder / "huge.png").write_bytes(png_declaring(60000, 60000))
+    (photo_folder / "nan.tiff").write_bytes(encoded(".tiff", np.full((80, 80, 3), np.nan, np.float32)))
+    index = synthesize(synth_cfg, source=str(photo_folder), out=str(tmp_path / "shards"), progress=False)
+    skipped = {Path(s["source"]).name: s["reason"] for s in index["skipped"]}
+    assert set(skipped) == {"huge.png", "nan.tiff"}
+    assert "megapixels" in skipped["huge.png"] and "NaN" in skipped["nan.tiff"]
+    assert index["counts"]["sources_used"] == 4
+    assert json.loads((tmp_path / "shards" / "index.json").read_text())["skipped"] == index["skipped"]

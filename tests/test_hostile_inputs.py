@@ -106,3 +106,36 @@ def test_synthesis_skips_a_hostile_source_and_reports_it(tmp_path, photo_folder,
     assert "megapixels" in skipped["huge.png"] and "NaN" in skipped["nan.tiff"]
     assert index["counts"]["sources_used"] == 4
     assert json.loads((tmp_path / "shards" / "index.json").read_text())["skipped"] == index["skipped"]
+
+
+def test_abair_restore_never_unpickles(tmp_path, photos, monkeypatch, capsys):
+    """Registry versions and components folders are read as safetensors only: a model file from
+    an untrusted place cannot run code through `abair restore` (the pyfunc path does unpickle:
+    the README says so)."""
+    import pickle
+
+    import cloudpickle
+    import torch
+
+    from flows.cli import main
+    from tasks.registry.register import register
+    from tasks.serve.pyfunc import save_restorer
+
+    model = make_components(tmp_path / "model")
+    version = register(model, {"summary/all/sw/psnr": 20.0}, params="p", data="d", suite="s", commit="c",
+                       save_restorer=save_restorer)["restorer"]["version"]
+    image = write_png(tmp_path / "in.png", photos["coffee"][:40, :48])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("abair restore unpickled something")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (cloudpickle, "load"),
+                         (cloudpickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    with pytest.raises(AssertionError, match="unpickled"):  # the patch catches the pyfunc's own unpickling
+        import mlflow.pyfunc
+
+        mlflow.pyfunc.load_model(f"models:/abair-restorer/{version}")
+    for spec, out in ((str(model), "a"), (f"models:/abair-restorer/{version}", "b")):
+        assert main(["restore", str(image), "--model", spec, "--out", str(tmp_path / out), "--device", "cpu"]) == 0
+        assert (tmp_path / out / "in.png").is_file()

@@ -84,8 +84,18 @@ def decode_sample(sample: dict) -> dict:
         "clean": imageio.decode(sample["clean.png"], f"{where}.clean.png"),
         "degraded": imageio.decode(sample["degraded.png"], f"{where}.degraded.png"),
         "mask": imageio.decode(sample["mask.png"], f"{where}.mask.png"),
-        "meta": json.loads(sample["json"]),
+        "meta": parse_meta(sample["json"], f"{where}.json"),
     }
+
+
+def parse_meta(data: bytes, where: str) -> dict:
+    try:
+        meta = json.loads(data)
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AbairError(where, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise AbairError(where, "sample metadata is not a JSON object")
+    return meta
 
 
 def read_split(urls: list[str]) -> Iterator[dict]:
@@ -93,10 +103,19 @@ def read_split(urls: list[str]) -> Iterator[dict]:
     Reads all of them in this process whatever the DDP rank (rank 0 validates alone)."""
     import webdataset as wds
 
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src,
-                             workersplitter=lambda src: src)
-    for raw in dataset:
-        yield decode_sample(raw)
+    for url in urls:
+        samples = iter(wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=lambda src: src,
+                                      workersplitter=lambda src: src))
+        while True:
+            try:
+                raw = next(samples)
+            except StopIteration:
+                break
+            except AbairError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged tar raises, it is this shard's problem
+                raise AbairError(url, f"unreadable shard ({type(exc).__name__}: {exc.args[0] if exc.args else exc})") from None
+            yield decode_sample(raw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,3 +139,22 @@ def test_abair_restore_never_unpickles(tmp_path, photos, monkeypatch, capsys):
     for spec, out in ((str(model), "a"), (f"models:/abair-restorer/{version}", "b")):
         assert main(["restore", str(image), "--model", spec, "--out", str(tmp_path / out), "--device", "cpu"]) == 0
         assert (tmp_path / out / "in.png").is_file()
+
+
+def test_synthesis_from_s3_skips_hostile_objects_and_reports_them(tmp_path, photo_folder, synth_cfg, s3_endpoint,
+                                                                  s3_bucket):
+    from tasks.core import storage
+    from tasks.data.synthesize import synthesize
+
+    client, bucket = s3_bucket
+    storage._client.cache_clear()
+    for path in sorted(p for p in photo_folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=bucket, Key=f"clean/{path.relative_to(photo_folder)}", Body=path.read_bytes())
+    client.put_object(Bucket=bucket, Key="clean/huge.png", Body=png_declaring(60000, 60000))
+    client.put_object(Bucket=bucket, Key="clean/broken.jpg", Body=b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    cfg = {**synth_cfg, "endpoint_url": s3_endpoint}
+    index = synthesize(cfg, source=f"s3://{bucket}/clean", out=str(tmp_path / "shards"), progress=False)
+    skipped = {s["source"].rsplit("/", 1)[-1]: s["reason"] for s in index["skipped"]}
+    assert set(skipped) == {"huge.png", "broken.jpg"}
+    assert "megapixels" in skipped["huge.png"] and "not a readable image" in skipped["broken.jpg"]
+    assert index["counts"]["sources_used"] == 4

@@ -158,3 +158,16 @@ def test_synthesis_from_s3_skips_hostile_objects_and_reports_them(tmp_path, phot
     assert set(skipped) == {"huge.png", "broken.jpg"}
     assert "megapixels" in skipped["huge.png"] and "not a readable image" in skipped["broken.jpg"]
     assert index["counts"]["sources_used"] == 4
+
+
+def test_max_bad_fraction_decides_when_bad_sources_fail_the_run(tmp_path, photo_folder, synth_cfg):
+    from tasks.data.synthesize import synthesize
+
+    (photo_folder / "huge.png").write_bytes(png_declaring(60000, 60000))
+    with pytest.raises(AbairError, match=r"1 of 5 sources are bad, more than synthesize.max_bad_fraction 0.1"):
+        synthesize({**synth_cfg, "max_bad_fraction": 0.1}, source=str(photo_folder), out=str(tmp_path / "a"),
+                   progress=False)
+    assert not (tmp_path / "a").exists()  # nothing half-written under the final name
+    index = synthesize({**synth_cfg, "max_bad_fraction": 0.25}, source=str(photo_folder), out=str(tmp_path / "b"),
+                       progress=False)
+    assert index["counts"]["sources_skipped"] == 1

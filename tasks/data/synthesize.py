@@ -36,7 +36,7 @@ MAX_CLASSES = 8  # the mask is one uint8 bit per class
 # Settings that change how the work runs, not what it writes.
 # Not hashed into index.json: how the run executes, where it reads and writes, and the size
 # limit (whose effect, a skipped source, index.json lists by name).
-NOT_IN_OUTPUT = ("workers", "endpoint_url", "out", "source", "max_image_pixels")
+NOT_IN_OUTPUT = ("workers", "endpoint_url", "out", "source", "max_image_pixels", "max_bad_fraction")
 
 
 @dataclass
@@ -207,6 +207,17 @@ def run_sources(jobs: list, workers: int, progress: bool, sink: ShardSink, split
         sink.close()
 
 
+def check_bad_share(source: str, skipped: list[dict], count: int, max_bad_fraction: float | None, samples: int) -> None:
+    """Bad sources are counted, never fatal one by one: the run fails only when nothing usable is
+    left, or, with `max_bad_fraction` set, when a larger share of the sources was bad."""
+    reasons = dict(Counter(s["reason"].split(" (")[0] for s in skipped))
+    if samples == 0:
+        raise AbairError(source, f"no usable images ({len(skipped)} skipped: {reasons})")
+    if max_bad_fraction is not None and len(skipped) > float(max_bad_fraction) * count:
+        raise AbairError(source, f"{len(skipped)} of {count} sources are bad, more than synthesize.max_bad_fraction "
+                                 f"{float(max_bad_fraction):g} allows ({reasons})")
+
+
 def build_index(cfg: dict, source: str, tally: Tally, uploaded: list[str]) -> dict:
     stats = tally.stats
     for split in ("train", "val"):
@@ -249,9 +260,7 @@ def synthesize(cfg: dict, source: str | None = None, out: str | None = None,
         tally = Tally(len(cfg["classes"]))
         jobs = [(s, {**cfg, "endpoint_url": endpoint_url}) for s in sources]
         run_sources(jobs, max(1, min(int(cfg.get("workers", 1)), len(jobs))), progress, sink, split_of, tally)
-        if tally.total == 0:
-            reasons = Counter(s["reason"].split(" (")[0] for s in tally.skipped)
-            raise AbairError(source, f"no usable images ({len(tally.skipped)} skipped: {dict(reasons)})")
+        check_bad_share(source, tally.skipped, len(sources), cfg.get("max_bad_fraction"), tally.total)
         index = build_index(cfg, source, tally, sink.uploaded)
         index_bytes = json.dumps(index, indent=2).encode()
         if storage.is_s3(out):

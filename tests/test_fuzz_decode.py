@@ -30,6 +30,10 @@ from tasks.core import imageio  # noqa: E402
 from tasks.core.errors import AbairError  # noqa: E402
 
 EXAMPLES = int(os.environ.get("ABAIR_FUZZ_EXAMPLES", "200"))
+# The fuzzing runs in a process of its own (test_fuzz_in_a_bounded_process starts it): the
+# address-space bound must not reach the threads and services a shared test worker runs.
+CHILD = os.environ.get("ABAIR_FUZZ_CHILD") == "1"
+in_child = pytest.mark.skipif(not CHILD, reason="runs inside test_fuzz_in_a_bounded_process")
 MEMORY_BOUND = 2 << 30
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -101,6 +105,7 @@ def decode_or_project_error(data: bytes) -> None:
     assert raw.shape[0] * raw.shape[1] <= imageio.MAX_IMAGE_PIXELS
 
 
+@in_child
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fmt", sorted(SEEDS))
 def test_decode_fuzzed_images(fmt):
@@ -113,6 +118,7 @@ def test_decode_fuzzed_images(fmt):
         check()
 
 
+@in_child
 def test_decode_regressions():
     """Files that once broke the boundary (kept as found)."""
     files = sorted(REGRESSIONS.glob("*")) if REGRESSIONS.is_dir() else []
@@ -140,6 +146,7 @@ def shard_bytes() -> bytes:
 SHARD = shard_bytes()
 
 
+@in_child
 @pytest.mark.timeout(90)
 def test_shard_reader_fuzzed_tars(tmp_path):
     from tasks.data.reader import read_split
@@ -162,6 +169,7 @@ def test_shard_reader_fuzzed_tars(tmp_path):
         check()
 
 
+@in_child
 def test_memory_bound_is_enforced():
     """The bound is real: an allocation beyond it fails inside, and the process is whole after."""
     with memory_bound(256 << 20):
@@ -175,3 +183,18 @@ def test_declared_sizes_of_mutated_headers_never_crash_the_parser():
         for cut in range(0, min(len(data), 80)):
             imageio.declared_size(data[:cut])
             imageio.declared_size(data[:cut] + struct.pack(">I", 0xFFFFFFFF) * 4)
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_in_a_bounded_process():
+    """Run this file's fuzzing in a fresh pytest process; every case there must pass."""
+    if CHILD:
+        pytest.skip("this is the child")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
+                            env={**os.environ, "ABAIR_FUZZ_CHILD": "1", "PYTEST_XDIST_WORKER": ""},
+                            capture_output=True, text=True, timeout=290, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]

@@ -182,3 +182,35 @@ def test_max_bad_fraction_decides_when_bad_sources_fail_the_run(tmp_path, photo_
     index = synthesize({**synth_cfg, "max_bad_fraction": 0.25}, source=str(photo_folder), out=str(tmp_path / "b"),
                        progress=False)
     assert index["counts"]["sources_skipped"] == 1
+
+
+def test_a_hostile_file_in_a_paired_folder_is_one_error_naming_it(tmp_path, photos):
+    from tasks.data.reader import PairedFolder
+
+    for side in ("input", "target"):
+        write_png(tmp_path / "pairs" / side / "a.png", photos["coffee"][:32, :32])
+    (tmp_path / "pairs" / "input" / "b.png").write_bytes(png_declaring(60000, 60000))
+    write_png(tmp_path / "pairs" / "target" / "b.png", photos["coffee"][:32, :32])
+    with pytest.raises(AbairError) as caught:
+        PairedFolder(tmp_path / "pairs")
+    assert str(caught.value).startswith(f"{tmp_path / 'pairs' / 'input' / 'b.png'}: ") and "--max-image-pixels" in str(caught.value)
+
+
+def test_the_pyfunc_refuses_odd_arrays_with_one_error_each(tmp_path):
+    from types import SimpleNamespace
+
+    from tasks.serve.pyfunc import RestorerModel
+
+    folder = make_components(tmp_path / "model")
+    model = RestorerModel()
+    model.load_context(SimpleNamespace(artifacts={"backbone": str(folder / "backbone.safetensors"),
+                                                  "adapters": str(folder / "adapters"),
+                                                  "estimator": str(folder / "estimator.safetensors")},
+                                       model_config={"device": "cpu"}))
+    odd = {"float": np.zeros((8, 8, 3), np.float32), "gray": np.zeros((8, 8), np.uint8),
+           "rgba": np.zeros((8, 8, 4), np.uint8), "empty": np.zeros((0, 8, 3), np.uint8),
+           "one pixel": np.zeros((1, 1, 3), np.uint8)}
+    for name, array in odd.items():
+        with pytest.raises(ValueError, match=r"^image 0: "):
+            model.predict(None, array)
+    assert model.predict(None, np.full((8, 8, 3), 128, np.uint8)).shape == (8, 8, 3)

@@ -75,6 +75,8 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected uint8 HxWx3, got {image.dtype} {image.shape}")
+            if min(image.shape[:2]) < 2:
+                raise ValueError(f"image {i}: {image.shape[1]}x{image.shape[0]} is too small to restore (2x2 at least)")
             restored, _ = restore_rgb(self.restorer, image.astype(np.float32) / 255.0, mode, self.max_pixels, self.tiling)
             outputs.append((np.clip(restored, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
         return outputs[0] if single else outputs

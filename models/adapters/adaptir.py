@@ -122,8 +122,7 @@ class AdaptIRLayer(AdapterLayer):
         return list(self.adapters.keys())
 
     def add_adapter(self, name: str, *, rank: int = 4, alpha: float = 4.0, hidden: int = 8) -> None:
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.check_new(name)
         reference = next(self.base_layer.parameters())
         self.adapters[name] = AdaptIRAdapter(self.dim, hidden, rank).to(reference.device, reference.dtype)
 

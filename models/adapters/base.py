@@ -87,6 +87,11 @@ class AdapterLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         raise NotImplementedError
 
+    def check_new(self, name: str) -> None:
+        """Every kind's add_adapter starts here: one adapter per name on a layer."""
+        if name in self.adapter_names:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """One adapter's tensors under keys relative to this layer (the keys of adapter files)."""
         raise NotImplementedError

@@ -58,8 +58,7 @@ class LoRALayer(MergeableLayer):
 
     def add_adapter(self, name: str, *, rank: int = 4, alpha: float = 4.0, hidden: int = 8) -> None:
         """A new adapter: A kaiming-uniform, B zero, so the layer's output does not change."""
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.check_new(name)
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         weight = self.base_layer.weight

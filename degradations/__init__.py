@@ -4,7 +4,7 @@ Every degradation is a module exposing
     NAME: str
     ORDER: int   physical application order when several are stacked (scene -> light -> optics ->
                  particles -> sensor -> storage: haze 10, lowlight 20, blur 30, rain/snow 40,
-                 noise 50, jpeg/bitdepth 60); `composite` sorts by it
+                 noise and camera_noise 50, jpeg/bitdepth 60); `composite` sorts by it
     apply(img, rng, severity, **options) -> (degraded, params)
 with img float32 HxWx3 RGB in [0, 1], severity in [0, 1] (0 is the identity) and params a
 JSON-serialisable dict of the physical parameters used. Each module's docstring gives its
@@ -25,6 +25,7 @@ _MODULE_NAMES = (
     "rain",
     "snow",
     "noise",
+    "camera_noise",
     "jpeg",
     "bitdepth",
 )

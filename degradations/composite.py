@@ -13,7 +13,8 @@ A sample is one of
                                                 `degradations_per_region` (inclusive, capped at
                                                 len(classes)), each with its own severity, stacked
                                                 in physical order (module ORDER, then name).
-Every severity is drawn uniformly from severity[name] = (lo, hi).
+Every severity is drawn uniformly from severity[name] = (lo, hi); options[name] (a dict, optional)
+is passed to that degradation's apply, e.g. {"noise": {"model": ["gaussian", "camera"]}}.
 
 A region's chain runs on the region's bounding box plus a margin of context (so blur sees real
 neighbours instead of a reflected border) and only the region's own pixels are pasted back:
@@ -39,12 +40,13 @@ MIN_CUT_FRACTION = 0.25  # rectangle cuts fall in the middle half of the side be
 
 def apply(img: np.ndarray, rng: np.random.Generator, classes: list[str], severity: dict,
           regions: tuple[int, int] = (1, 4), degradations_per_region: tuple[int, int] = (0, 3),
-          shape_fraction: float = 0.5, p_single: float = 0.3, p_clean: float = 0.05
-          ) -> tuple[np.ndarray, np.ndarray, dict]:
+          shape_fraction: float = 0.5, p_single: float = 0.3, p_clean: float = 0.05,
+          options: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(degraded float32 HxWx3, mask uint8 HxW, info) for one training sample; see the module doc."""
     img = check_image(img)
     classes = check_classes(classes)
     ranges = check_severity_ranges(severity, classes)
+    options = check_options(options, classes)
     regions = check_count_range(regions, "regions", minimum=1)
     degradations_per_region = check_count_range(degradations_per_region, "degradations_per_region", minimum=0)
     for name, p in (("shape_fraction", shape_fraction), ("p_single", p_single), ("p_clean", p_clean)):
@@ -58,7 +60,7 @@ def apply(img: np.ndarray, rng: np.random.Generator, classes: list[str], severit
 
     if rng.random() < p_single:
         name = classes[int(rng.integers(len(classes)))]
-        degraded, record = draw(img, rng, name, ranges[name])
+        degraded, record = draw(img, rng, name, ranges[name], options.get(name))
         mask[:] = class_bits(classes, [name])
         region = {"shape": "full", "bbox": [0, 0, height, width], "area": 1.0, "degradations": [record]}
         return degraded, mask, {"kind": "single", "regions": [region]}
@@ -70,7 +72,7 @@ def apply(img: np.ndarray, rng: np.random.Generator, classes: list[str], severit
     for label, shape in enumerate(shapes):
         stack = min(int(rng.integers(degradations_per_region[0], degradations_per_region[1] + 1)), len(classes))
         chosen = [classes[i] for i in rng.permutation(len(classes))[:stack]]
-        steps = [(name, sample_severity(rng, ranges[name])) for name in chosen]
+        steps = [(name, sample_severity(rng, ranges[name]), options.get(name, {})) for name in chosen]
         region = labels == label
         bbox = bounding_box(region)
         records = []
@@ -100,12 +102,12 @@ def apply_chain(img: np.ndarray, rng: np.random.Generator, steps) -> tuple[np.nd
     return (out if records else img.copy()), records
 
 
-def draw(img: np.ndarray, rng: np.random.Generator, name: str, bounds: tuple[float, float] = (0.0, 1.0)
-         ) -> tuple[np.ndarray, dict]:
+def draw(img: np.ndarray, rng: np.random.Generator, name: str, bounds: tuple[float, float] = (0.0, 1.0),
+         options: dict | None = None) -> tuple[np.ndarray, dict]:
     """One degradation at a severity drawn uniformly from `bounds` (drawn first, then applied,
-    both from `rng`): (degraded, its {"name", "severity", "params"} record). What every stage
-    that needs "one degradation at a random severity" calls."""
-    degraded, records = apply_chain(img, rng, [(name, sample_severity(rng, bounds))])
+    both from `rng`), with `options` for its apply: (degraded, its {"name", "severity", "params"}
+    record). What every stage that needs "one degradation at a random severity" calls."""
+    degraded, records = apply_chain(img, rng, [(name, sample_severity(rng, bounds), options or {})])
     return degraded, records[0]
 
 
@@ -247,6 +249,18 @@ def check_severity_ranges(severity: dict, classes: list[str]) -> dict[str, tuple
             raise ValueError(f"severity[{name!r}] = ({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1")
         ranges[name] = (lo, hi)
     return ranges
+
+
+def check_options(options, classes: list[str]) -> dict[str, dict]:
+    """{name: options dict} for the named classes (names not in `classes` are an error)."""
+    options = dict(options or {})
+    unknown = [name for name in options if name not in classes]
+    if unknown:
+        raise ValueError(f"options for {unknown}, which are not among the classes {classes}")
+    for name, value in options.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"options[{name!r}] must be a mapping of keyword arguments, got {value!r}")
+    return options
 
 
 def check_count_range(bounds, what: str, minimum: int) -> tuple[int, int]:

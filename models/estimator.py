@@ -5,6 +5,13 @@ shows global cues: haze, low light, rain streaks, blur. Downscaling averages pix
 blocks away, so the other trunk sees a few crops at native resolution (centre, then corners;
 random positions while training if `random_crops`). Pooled features of both go through an MLP to
 K logits. Input brightness is kept (no normalisation layers), since low light is about it.
+
+Do no harm (../shared/DESIGN.md, "Modes"): with `do_no_harm`, two more outputs. A `base` logit
+joins the K adapter logits in the softmax, so the adapter weights sum to less than one (the rest is
+the backbone alone); a clean or barely degraded image gets its weight on `base`. A separate keep
+head (a small MLP on the pooled features) gives `keep` in [0, 1], the share of the input blended
+back into the output: `out = keep * input + (1 - keep) * network(input)`. Estimators saved before
+this existed load with neither (keep 0, adapter weights summing to one), as they were trained.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from models.checkpoint import (CheckpointError, check_tensors, merge_metadata, m
 
 ESTIMATOR_FORMAT = "abair-estimator"
 MODES = ("sw", "oh")
+KEEP_INIT_LOGIT = -2.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class EstimatorConfig:
     crop_size: int = 64
     view_size: int = 128
     random_crops: bool = False
+    do_no_harm: bool = False
 
 
 class StatPool(nn.Module):
@@ -67,19 +76,24 @@ def crop_origins(h: int, w: int, size: int, count: int) -> list[tuple[int, int]]
 
 class Estimator(nn.Module):
     def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
-                 view_size: int = 128, random_crops: bool = False, class_names: Sequence[str] | None = None):
+                 view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
+                 class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
             raise ValueError("the estimator needs at least one output")
         if class_names is not None and len(class_names) != num_outputs:
             raise ValueError(f"{len(class_names)} class names for {num_outputs} outputs")
-        self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops)
+        self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm)
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
         features = 16 * width * (2 if crops > 0 else 1)  # mean and std of 8w channels per trunk
         self.head = nn.Sequential(nn.Linear(features, 8 * width), nn.GELU())
         self.classifier = nn.Linear(8 * width, num_outputs)
+        # do no harm: the backbone-alone logit, and keep from the pooled features
+        self.base = nn.Linear(8 * width, 1) if do_no_harm else None
+        self.keep_head = nn.Sequential(nn.Linear(features, 4 * width), nn.GELU(), nn.Linear(4 * width, 1)) \
+            if do_no_harm else None
         # He initialisation: with PyTorch's default (fan-in uniform, a=sqrt(5)) the activations
         # shrink ~4x per layer without normalisation layers, and the pooled features start at
         # 1e-4, where noise and texture statistics are too faint to learn from.
@@ -87,6 +101,10 @@ class Estimator(nn.Module):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        if self.keep_head is not None:
+            # start by trusting the network (keep ~0.1): keep is learned from where it hurts
+            nn.init.zeros_(self.keep_head[-1].weight)
+            nn.init.constant_(self.keep_head[-1].bias, KEEP_INIT_LOGIT)
 
     @property
     def num_outputs(self) -> int:
@@ -108,8 +126,8 @@ class Estimator(nn.Module):
             crops = F.interpolate(crops, size=(size, size), mode="nearest")
         return crops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W in [0, 1] -> B x K logits."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W in [0, 1] -> B x F pooled features of both trunks."""
         b = x.shape[0]
         x = x - 0.5
         view = F.interpolate(x, size=(self.config.view_size,) * 2, mode="bilinear", antialias=True,
@@ -118,18 +136,40 @@ class Estimator(nn.Module):
         if self.local_trunk is not None:
             local = self.local_trunk(self.native_crops(x))                          # (crops*B) x 16w
             feats.append(local.view(self.config.crops, b, -1).mean(dim=0))          # B x 16w
-        return self.classifier(self.head(torch.cat(feats, dim=1)))
+        return torch.cat(feats, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W in [0, 1] -> B x K adapter logits."""
+        return self.classifier(self.head(self.features(x)))
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B x (K+1) logits: the K adapters then `base`, or B x K without do-no-harm;
+        B x 1 keep logit, or None). One pass of the trunks for both."""
+        feats = self.features(x)
+        hidden = self.head(feats)
+        logits = self.classifier(hidden)
+        if self.base is None:
+            return logits, None
+        return torch.cat([logits, self.base(hidden)], dim=1), self.keep_head(feats)
 
     def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
-        """B x K adapter weights: "sw" softmax(logits / T) (soft blend), "oh" one-hot of the argmax."""
+        """B x (K+1): K adapter weights then `keep` (the modes contract of ../shared/DESIGN.md).
+
+        "sw": softmax(logits / T) over the adapters and `base`, the adapter part (summing to at most
+        one); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep is
+        sigmoid of its logit in both; 0 for an estimator without do-no-harm."""
         if mode not in MODES:
             raise ValueError(f"estimator mode must be one of {MODES}, got {mode!r}")
-        logits = self(x)
+        logits, keep_logit = self.outputs(x)
+        k = self.num_outputs
         if mode == "oh":
-            return F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        return torch.softmax(logits.float() / temperature, dim=1)
+            adapters = F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()[:, :k]
+        else:
+            if temperature <= 0:
+                raise ValueError("temperature must be > 0")
+            adapters = torch.softmax(logits.float() / temperature, dim=1)[:, :k]
+        keep = torch.sigmoid(keep_logit.float()) if keep_logit is not None else adapters.new_zeros(adapters.shape[0], 1)
+        return torch.cat([adapters, keep], dim=1)
 
     @torch.no_grad()
     def add_output(self, name: str | None = None) -> int:

@@ -4,7 +4,10 @@
     restored, weights = restorer.restore(images, mode="sw")
 
 Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator soft weights),
-"oh" (estimator one-hot). With a mergeable adapter kind (LoRA) and the same weights for every
+"oh" (estimator one-hot). Weights follow the modes contract (../shared/DESIGN.md): K adapter
+weights (summing to at most one; the rest is the backbone alone) and one `keep` in [0, 1] that
+blends the network's output back towards the input, `out = keep * input + (1 - keep) * network`,
+so the system can leave an image as it came (do no harm). Callers may pass K weights (keep 0). With a mergeable adapter kind (LoRA) and the same weights for every
 image of the batch (always so for a single image), the blend is merged into the backbone for the
 call: zero overhead. Large images run tiled (models/tiling.py). `tiling="exact"` (the default)
 tiles inside every transformer block (Backbone.forward(tile=...)): the same result as the whole
@@ -66,7 +69,13 @@ class Restorer(nn.Module):
         out[:, [self.bank.names.index(n) for n in self.names]] = weights
         return out
 
+    @property
+    def weight_names(self) -> list[str]:
+        """The columns of the weights `restore` takes and returns: the adapters, then `keep`."""
+        return [*self.names, "keep"]
+
     def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float) -> torch.Tensor | None:
+        """B x (K+1) weights (adapters, keep) for the call, or None for the backbone alone."""
         if mode == "none":
             return None
         if self.bank is None or not self.names:
@@ -80,11 +89,18 @@ class Restorer(nn.Module):
         weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
         if weights.dim() == 1:
             weights = weights[None].expand(images.shape[0], -1)
-        if weights.shape != (images.shape[0], len(self.names)):
-            raise ValueError(f"weights must be ({images.shape[0]}, {len(self.names)}) for adapters {self.names}, "
-                             f"got {tuple(weights.shape)}")
+        k = len(self.names)
+        if weights.dim() != 2 or weights.shape[0] != images.shape[0] or weights.shape[1] not in (k, k + 1):
+            raise ValueError(f"weights must be ({images.shape[0]}, {k}) or ({images.shape[0]}, {k + 1}) for "
+                             f"{self.weight_names}, got {tuple(weights.shape)}")
+        if weights.shape[1] == k:
+            weights = torch.cat([weights, weights.new_zeros(weights.shape[0], 1)], dim=1)
+        keep = weights[:, k:]
+        if not bool(((keep >= 0) & (keep <= 1)).all()):
+            raise ValueError(f"keep must be in [0, 1], got {keep.flatten().tolist()}")
         if mode == "oh":
-            weights = torch.nn.functional.one_hot(weights.argmax(dim=1), len(self.names)).float()
+            one_hot = torch.nn.functional.one_hot(weights[:, :k].argmax(dim=1), k).float()
+            weights = torch.cat([one_hot, keep], dim=1)
         return weights
 
     @contextlib.contextmanager
@@ -97,7 +113,7 @@ class Restorer(nn.Module):
             with self.bank.weights(None):
                 yield
             return
-        columns = self._to_bank_columns(weights).cpu()
+        columns = self._to_bank_columns(weights[:, :len(self.names)]).cpu()
         if self.bank.kind.mergeable and bool((columns == columns[:1]).all()):
             # the whole batch (always so for one image) uses the same weights: fold them into the
             # base weights once, so the adapters cost nothing per pixel
@@ -120,8 +136,8 @@ class Restorer(nn.Module):
     def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float = 1.0,
                 tile: int | None = None, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP,
                 tiling: str = "exact") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used B x K
-        in `names` order, or None for mode "none").
+        """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used
+        B x (K+1) in `weight_names` order, or None for mode "none").
 
         tile: tile side in pixels; max_pixels: a per-tile pixel budget the tile side is derived
         from (ignored when `tile` is given). Images that fit in one tile run whole. tiling:
@@ -149,10 +165,14 @@ class Restorer(nn.Module):
                         out = self.backbone(images, tile=side)
                     else:
                         out = tiled_apply(self.backbone, images, side, overlap)
+                out = out.clamp_(0.0, 1.0)
+                if used is not None and bool((used[:, -1] > 0).any()):
+                    keep = used[:, -1].view(-1, 1, 1, 1).to(out.dtype)
+                    out = torch.lerp(out, images, keep)
         finally:
             for module, training in modes.items():
                 module.training = training
-        return out.clamp_(0.0, 1.0), used
+        return out, used
 
 
 def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_OVERLAP) -> int | None:

@@ -247,7 +247,7 @@ def test_frozen_everything_but_estimator_gets_gradients():
     bank.freeze_backbone(trainable=[])
     est = Estimator(len(CLASSES))
     x = torch.rand(2, 3, 48, 48)
-    with bank.weights(est.weights(x, "sw")):
+    with bank.weights(est.weights(x, "sw")[:, :-1]):
         loss = (model(x) - x).abs().mean()
     loss.backward()
     assert all(p.grad is not None for p in est.parameters())
@@ -280,15 +280,59 @@ def test_restorer_modes(system):
 
     truth = torch.tensor([[0, 0, 1.0, 0, 0], [0, 1.0, 0, 0, 0]])
     oracle, w = system.restore(x, mode="oracle", weights=truth)
-    assert torch.equal(w, truth)
+    # K weights given: keep 0 is appended (the weights returned follow `weight_names`)
+    assert system.weight_names == [*CLASSES, "keep"]
+    assert torch.equal(w, torch.cat([truth, torch.zeros(2, 1)], dim=1))
     with torch.no_grad(), system.bank.weights(truth):
         assert torch.equal(oracle, system.backbone(x).clamp(0, 1))
 
+    # an estimator without do-no-harm: adapter weights sum to one, keep is 0
     sw, w_sw = system.restore(x, mode="sw")
-    torch.testing.assert_close(w_sw.sum(1), torch.ones(2))
+    torch.testing.assert_close(w_sw[:, :-1].sum(1), torch.ones(2))
+    assert torch.equal(w_sw[:, -1], torch.zeros(2))
     oh, w_oh = system.restore(x, mode="oh")
-    assert torch.equal(w_oh.sum(1), torch.ones(2)) and torch.equal(w_oh.argmax(1), w_sw.argmax(1))
+    assert torch.equal(w_oh[:, :-1].sum(1), torch.ones(2)) and torch.equal(w_oh.argmax(1), w_sw.argmax(1))
     assert not torch.equal(none, oh)  # the adapters do something
+
+
+def test_keep_blends_the_input_back(system):
+    """out = keep * input + (1 - keep) * network, per image; keep 1 returns the input exactly."""
+    x = smooth_images(2, 37, 53)
+    adapters = torch.tensor([[0, 0, 1.0, 0, 0], [0, 0.5, 0, 0, 0]])
+    network, _ = system.restore(x, mode="oracle", weights=adapters)
+    weights = torch.cat([adapters, torch.tensor([[1.0], [0.25]])], dim=1)
+    out, used = system.restore(x, mode="oracle", weights=weights)
+    assert torch.equal(used, weights)
+    assert torch.equal(out[0], x[0])
+    torch.testing.assert_close(out[1], 0.25 * x[1] + 0.75 * network[1])
+    # tiles see the same keep: exact tiling stays equal to the whole image
+    tiled, _ = system.restore(x, mode="oracle", weights=weights, tile=16)
+    torch.testing.assert_close(tiled, out, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="keep must be in"):
+        system.restore(x, mode="oracle", weights=torch.cat([adapters, torch.full((2, 1), 1.5)], dim=1))
+    with pytest.raises(ValueError, match="weights must be"):
+        system.restore(x, mode="oracle", weights=torch.zeros(2, 7))
+
+
+def test_do_no_harm_estimator_weights(tmp_path):
+    """base joins the softmax (adapter weights sum below one), keep comes from its own head, oh
+    gives all zeros when base wins, and both survive a save/load round trip."""
+    torch.manual_seed(0)
+    est = Estimator(len(CLASSES), width=8, crop_size=32, view_size=32, do_no_harm=True, class_names=CLASSES).eval()
+    x = torch.rand(3, 3, 40, 40)
+    w = est.weights(x, "sw")
+    assert w.shape == (3, len(CLASSES) + 1)
+    assert bool((w[:, :-1].sum(1) < 1).all()) and bool(((w[:, -1] > 0) & (w[:, -1] < 1)).all())
+    logits, keep_logit = est.outputs(x)
+    torch.testing.assert_close(w[:, :-1], torch.softmax(logits, 1)[:, :-1])
+    torch.testing.assert_close(w[:, -1], torch.sigmoid(keep_logit[:, 0]))
+    with torch.no_grad():
+        est.base.bias.fill_(100.0)  # base wins everywhere
+    oh = est.weights(x, "oh")
+    assert torch.equal(oh[:, :-1], torch.zeros(3, len(CLASSES)))
+    save_estimator(est, tmp_path / "e.safetensors")
+    again = load_estimator(tmp_path / "e.safetensors").eval()
+    assert again.config.do_no_harm and torch.equal(again.weights(x), est.weights(x))
 
 
 @pytest.mark.parametrize("row", [[0, 0, 0, 1.0, 0], [0.1, 0.2, 0.3, 0.25, 0.15]])

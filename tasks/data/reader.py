@@ -201,6 +201,42 @@ class ShardStream(IterableDataset):
                 yield item
 
 
+class MixedStream(IterableDataset):
+    """Items from several streams: each next item comes from stream i with probability shares[i]
+    (seeded per segment, like the streams themselves)."""
+
+    def __init__(self, streams: list[IterableDataset], shares: list[float], seed: int):
+        super().__init__()
+        total = float(sum(shares))
+        self.streams, self.shares, self.seed = streams, [s / total for s in shares], seed
+        self.segment = 0
+
+    def __iter__(self) -> Iterator:
+        import webdataset as wds
+
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = np.random.default_rng(stream_seed(self.seed, self.segment, rank, worker))
+        iterators = []
+        for stream in self.streams:
+            stream.segment = self.segment
+            iterators.append(iter(stream))
+        while True:
+            yield next(iterators[int(rng.choice(len(iterators), p=self.shares))])
+
+
+def open_paired(spec, split: str = "all", check: bool = False, where: str = "paired data") -> PairedFolder:
+    """The pairs of a paired-data spec (see `paired_spec`), on one side of its held-out split.
+    The short form (a folder) holds out every 10th pair by name."""
+    full = paired_spec(spec, where)
+    if full["holdout"] is not None:
+        return PairedFolder(full["paths"], check=check, split=split, holdout=full["holdout"], group=full["group"])
+    folder = PairedFolder(full["paths"][0], check=check)
+    if split != "all" and len(folder) >= 10:
+        held = set(folder.names[::10])
+        folder.names = [n for n in folder.names if (n in held) == (split == "val")]
+    return folder
+
+
 class SegmentedLoader:
     """Batches for steps [start, total): restarts the stream at every segment boundary."""
 
@@ -228,22 +264,81 @@ class SegmentedLoader:
 # ---------------------------------------------------------------------------------------------
 # paired folders
 
+SPLITS = ("all", "train", "val")
+GROUPS = {
+    # what a held-out split keeps together: one image, or every shot of one scene
+    # (PolyU's `camera_ISO..._scene_N` names: all but the last `_N`)
+    "image": lambda name: Path(name).stem,
+    "scene": lambda name: Path(name).stem.rsplit("_", 1)[0],
+}
+
+
+def held_out(name: str, holdout: float, group: str = "image") -> bool:
+    """Whether a pair is in the held-out (validation) part: a stable hash of its group key, so the
+    split never changes when pairs are added and every stage that asks agrees."""
+    import hashlib
+
+    key = GROUPS[group](name)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8 < holdout
+
+
+def paired_spec(spec, where: str = "paired data") -> dict:
+    """A paired-data spec in full: {"paths": [...], "holdout", "group", "share"}.
+
+    A folder (str) is the short form: one folder, every 10th pair by name held out (holdout None),
+    only real pairs (share 1). The mapping form names several folders, a held-out share by
+    stable hash of `group` ("image" or "scene"), and `share`, the part of an adapter's training
+    samples drawn from these pairs (the rest synthetic)."""
+    if isinstance(spec, (str, Path)):
+        return {"paths": [str(spec)], "holdout": None, "group": "image", "share": 1.0}
+    if not isinstance(spec, dict) or "paths" not in spec:
+        raise AbairError(where, f"must be a folder or a mapping with `paths`, got {spec!r}")
+    unknown = set(spec) - {"paths", "holdout", "group", "share"}
+    if unknown:
+        raise AbairError(where, f"unknown keys {sorted(unknown)} (paths, holdout, group, share)")
+    paths = [spec["paths"]] if isinstance(spec["paths"], str) else [str(p) for p in spec["paths"]]
+    holdout = float(spec.get("holdout", 0.0))
+    share = float(spec.get("share", 1.0))
+    group = spec.get("group", "image")
+    if not paths or not 0.0 <= holdout < 1.0 or not 0.0 < share <= 1.0 or group not in GROUPS:
+        raise AbairError(where, f"needs paths, 0 <= holdout < 1, 0 < share <= 1 and group in {sorted(GROUPS)}; got {spec!r}")
+    return {"paths": paths, "holdout": holdout, "group": group, "share": share}
+
+
 class PairedFolder:
     """`ROOT/input/NAME` degraded, `ROOT/target/NAME` clean, same names. Checked up front: a
-    missing partner, a size mismatch or an unreadable file is one error naming the file."""
+    missing partner, a size mismatch or an unreadable file is one error naming the file.
 
-    def __init__(self, root: str | Path, endpoint_url: str | None = None, check: bool = True):
-        self.root = str(root)
+    `root` may be a list of folders (their pairs named `I/NAME`, I the folder's position) and
+    `split` ("train" or "val") keeps one side of the held-out split (see `held_out`)."""
+
+    def __init__(self, root: str | Path | list, endpoint_url: str | None = None, check: bool = True,
+                 split: str = "all", holdout: float = 0.0, group: str = "image"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        roots = [str(r) for r in root] if isinstance(root, (list, tuple)) else [str(root)]
+        self.root = roots[0] if len(roots) == 1 else roots
         self.endpoint_url = endpoint_url
-        inputs = {e.relpath: e for e in storage.list_files(storage.join(self.root, "input"), imageio.IMAGE_SUFFIXES, endpoint_url)}
-        targets = {e.relpath: e for e in storage.list_files(storage.join(self.root, "target"), imageio.IMAGE_SUFFIXES, endpoint_url)}
-        if not inputs:
-            raise AbairError(storage.join(self.root, "input"), "no images found")
-        for name in sorted(set(inputs) ^ set(targets)):
-            side, other = ("input", "target") if name in inputs else ("target", "input")
-            raise AbairError(storage.join(self.root, side, name), f"has no partner in {other}/")
-        self.names = sorted(inputs)
-        self.fingerprint = "|".join(f"{n}:{inputs[n].size}:{targets[n].size}" for n in self.names)
+        self._where: dict[str, tuple[str, str]] = {}
+        sizes = []
+        for i, folder in enumerate(roots):
+            inputs = {e.relpath: e for e in storage.list_files(storage.join(folder, "input"), imageio.IMAGE_SUFFIXES, endpoint_url)}
+            targets = {e.relpath: e for e in storage.list_files(storage.join(folder, "target"), imageio.IMAGE_SUFFIXES, endpoint_url)}
+            if not inputs:
+                raise AbairError(storage.join(folder, "input"), "no images found")
+            for name in sorted(set(inputs) ^ set(targets)):
+                side, other = ("input", "target") if name in inputs else ("target", "input")
+                raise AbairError(storage.join(folder, side, name), f"has no partner in {other}/")
+            for name in sorted(inputs):
+                key = name if len(roots) == 1 else f"{i}/{name}"
+                if split != "all" and held_out(name, holdout, group) != (split == "val"):
+                    continue
+                self._where[key] = (folder, name)
+                sizes.append(f"{key}:{inputs[name].size}:{targets[name].size}")
+        self.names = sorted(self._where)
+        if not self.names:
+            raise AbairError(", ".join(roots), f"no pairs in the {split!r} split (holdout {holdout}, by {group})")
+        self.fingerprint = "|".join(sizes)
         if check:
             for name in self.names:
                 self.load(name)
@@ -253,13 +348,14 @@ class PairedFolder:
 
     def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(degraded, clean) as uint8 RGB."""
+        folder, relpath = self._where[name]
         pair = []
         for side in ("input", "target"):
-            uri = storage.join(self.root, side, name)
+            uri = storage.join(folder, side, relpath)
             raw = imageio.decode(storage.read_bytes(uri, self.endpoint_url), uri)
             pair.append(imageio.to_uint8(imageio.to_float_rgb(raw)) if raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != 3 else raw)
         if pair[0].shape != pair[1].shape:
-            raise AbairError(storage.join(self.root, "input", name),
+            raise AbairError(storage.join(folder, "input", relpath),
                              f"size {pair[0].shape[1]}x{pair[0].shape[0]} differs from its target's {pair[1].shape[1]}x{pair[1].shape[0]}")
         return pair[0], pair[1]
 

@@ -72,7 +72,8 @@ def make_sample(clean_source: np.ndarray, source: Source, index: int, cfg: dict)
     degraded, mask, info = composite.apply(
         clean, rng, cfg["classes"], {k: tuple(v) for k, v in cfg["severity"].items()},
         regions=tuple(comp["regions"]), degradations_per_region=tuple(comp["degradations_per_region"]),
-        shape_fraction=comp["shape_fraction"], p_single=comp["p_single"], p_clean=comp["p_clean"])
+        shape_fraction=comp["shape_fraction"], p_single=comp["p_single"], p_clean=comp["p_clean"],
+        options=cfg.get("options") or {})
     key = f"{source.short_hash}-{index:05d}"
     meta = {"key": key, "source": source.id, "crop": crop_box, "seed": cfg["seed"], "index": index,
             "classes": cfg["classes"], **info}
@@ -122,6 +123,12 @@ def validate(cfg: dict) -> None:
     missing = [c for c in classes if c not in cfg["severity"]]
     if missing:
         raise AbairError(f"{where}.severity", f"no severity range for {missing}")
+    from degradations.composite import check_options
+
+    try:
+        check_options(cfg.get("options"), classes)
+    except ValueError as exc:
+        raise AbairError(f"{where}.options", str(exc)) from None
     if cfg["crop_size"] < 16 or cfg["samples_per_image"] < 1:
         raise AbairError(where, "crop_size must be >= 16 and samples_per_image >= 1")
 
@@ -218,6 +225,13 @@ def check_bad_share(source: str, skipped: list[dict], count: int, max_bad_fracti
                                  f"{float(max_bad_fraction):g} allows ({reasons})")
 
 
+def generator(cfg: dict) -> dict:
+    """How the samples were degraded: what training stages need to draw more of the same
+    (Phase I's `redraw`, the adapters' and the estimator's synthetic samples)."""
+    return {"classes": list(cfg["classes"]), "severity": {k: list(v) for k, v in cfg["severity"].items()},
+            "composite": dict(cfg["composite"]), "options": dict(cfg.get("options") or {})}
+
+
 def build_index(cfg: dict, source: str, tally: Tally, uploaded: list[str]) -> dict:
     stats = tally.stats
     for split in ("train", "val"):
@@ -227,6 +241,7 @@ def build_index(cfg: dict, source: str, tally: Tally, uploaded: list[str]) -> di
         "format": SHARD_FORMAT,
         "classes": list(cfg["classes"]),
         "crop_size": cfg["crop_size"],
+        "generator": generator(cfg),
         "seed": cfg["seed"],
         "source": source,
         "params_hash": params_hash({k: v for k, v in cfg.items() if k not in NOT_IN_OUTPUT}),

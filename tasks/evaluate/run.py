@@ -144,7 +144,7 @@ def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None)
                 strips["target"].extend(loaded.targets[i] for i in take)
         est_weights = _estimator_weights(restorer, done, x, names, temperature)
         if est_weights is not None:
-            predictions.extend(names[int(k)] for k in est_weights.argmax(dim=1).cpu())
+            predictions.extend(names[int(k)] for k in est_weights[:, :len(names)].argmax(dim=1).cpu())
     return SetResult(loaded.spec, len(loaded.inputs), loaded.sizes, per_image, predictions, strips, strip_mode)
 
 

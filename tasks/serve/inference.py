@@ -28,12 +28,12 @@ def load_restorer(backbone: str | Path, adapters: str | Path, estimator: str | P
 
 def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 tiling: str = "exact") -> tuple[np.ndarray, dict[str, float]]:
-    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight})."""
+    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight, ..., "keep": keep})."""
     import torch  # not on import: see load_restorer
 
     device = next(restorer.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
     restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels, tiling=tiling)
     out = restored[0].permute(1, 2, 0).float().cpu().numpy()
-    used = {} if weights is None else {n: float(w) for n, w in zip(restorer.names, weights[0].cpu().tolist())}
+    used = {} if weights is None else {n: float(w) for n, w in zip(restorer.weight_names, weights[0].cpu().tolist())}
     return out, used

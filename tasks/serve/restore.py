@@ -65,7 +65,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
 
 
 def format_weights(weights: dict[str, float]) -> str:
-    return ", ".join(f"{n} {w:.2f}" for n, w in sorted(weights.items(), key=lambda item: (-item[1], item[0])))
+    """Adapters by weight, then what the adapters leave to the backbone alone and `keep` (the share
+    of the input blended back): "rain 0.62, noise 0.10; backbone 0.28; keep 0.05"."""
+    adapters = {n: w for n, w in weights.items() if n != "keep"}
+    text = ", ".join(f"{n} {w:.2f}" for n, w in sorted(adapters.items(), key=lambda item: (-item[1], item[0])))
+    if "keep" in weights:
+        text += f"; backbone {max(0.0, 1.0 - sum(adapters.values())):.2f}; keep {weights['keep']:.2f}"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------

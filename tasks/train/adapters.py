@@ -57,17 +57,22 @@ def job_config(cfg: dict, name: str) -> dict:
     return job
 
 
+def synthetic_options(index: dict | None, name: str) -> dict:
+    """The options the shard set's generator gave `name` (e.g. the noise models it mixes)."""
+    return dict(((index or {}).get("generator") or {}).get("options", {}).get(name, {}))
+
+
 class SyntheticPatch:
     """Clean shard crop -> random patch -> one degradation at a random severity."""
 
-    def __init__(self, name: str, patch: int, severity: tuple[float, float]):
+    def __init__(self, name: str, patch: int, severity: tuple[float, float], options: dict | None = None):
         degradations.get(name)  # an unknown name fails here, not in a data worker
-        self.name, self.patch, self.severity = name, patch, severity
+        self.name, self.patch, self.severity, self.options = name, patch, severity, options or {}
 
     def __call__(self, sample: dict, rng: np.random.Generator):
         (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
-        degraded, _ = composite.draw(clean, rng, self.name, self.severity)
+        degraded, _ = composite.draw(clean, rng, self.name, self.severity, self.options)
         return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
@@ -82,11 +87,11 @@ class PairedPatch:
 
 def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     """Held-out (degraded, clean) float pairs: the val split's clean crops degraded with fixed
-    seeds, or every 10th pair of a paired folder (which then is not trained on)."""
+    seeds, or the held-out pairs of its paired data (which are not trained on)."""
     count = job.get("val_samples", 16)
     if job["data"]:
-        folder = reader.PairedFolder(job["data"], check=False)
-        names = folder.names[::10][:count]
+        folder = reader.open_paired(job["data"], "val", where=f"params.yaml adapters.data.{name}")
+        names = folder.names[:count]
         pairs = []
         for pair_name in names:
             degraded, clean = folder.load(pair_name)
@@ -101,7 +106,7 @@ def validation_pairs(job: dict, name: str, shards: str, index: dict) -> list[tup
             break
         clean = sample["clean"].astype(np.float32) / 255.0
         rng = np.random.default_rng([job["seed"], 7919, i])
-        degraded, _ = module.apply(clean, rng, float(lo + (hi - lo) * (i + 0.5) / count))
+        degraded, _ = module.apply(clean, rng, float(lo + (hi - lo) * (i + 0.5) / count), **synthetic_options(index, name))
         pairs.append((degraded, clean))
     return pairs
 
@@ -119,20 +124,32 @@ def psnr_on(backbone, bank, name: str | None, pairs, device) -> float:
 
 @dataclass
 class TrainingData:
-    """What an adapter learns from: its paired folder, or else the shard set's clean crops."""
+    """What an adapter learns from: the training side of its paired data, the shard set's clean
+    crops degraded on the fly, or both (a paired-data `share` under 1)."""
 
     folder: reader.PairedFolder | None
     index: dict | None
+    share: float = 1.0
 
     @classmethod
-    def of(cls, job: dict, shards: str) -> "TrainingData":
-        if job["data"]:
-            return cls(reader.PairedFolder(job["data"]), None)
-        return cls(None, reader.load_index(shards))
+    def of(cls, job: dict, shards: str, name: str) -> "TrainingData":
+        if not job["data"]:
+            return cls(None, reader.load_index(shards))
+        where = f"params.yaml adapters.data.{name}"
+        spec = reader.paired_spec(job["data"], where)
+        folder = reader.open_paired(spec, "train", check=True, where=where)
+        if spec["share"] < 1.0:
+            return cls(folder, reader.load_index(shards), spec["share"])
+        return cls(folder, None)
 
     @property
     def fingerprint(self) -> str:
-        return params_hash(self.folder.fingerprint) if self.folder is not None else self.index["params_hash"]
+        parts = []
+        if self.folder is not None:
+            parts.append(params_hash(self.folder.fingerprint))
+        if self.index is not None:
+            parts.append(self.index["params_hash"])
+        return parts[0] if len(parts) == 1 else params_hash(parts + [self.share])
 
 
 def up_to_date(out: Path, inputs_hash: str) -> bool:
@@ -164,7 +181,7 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = paths.BACKBONE,
     backbone = load_backbone(backbone_path)
     backbone.drop_seg_head()
     backbone_fp = fingerprint(backbone)
-    data = TrainingData.of(job, shards)
+    data = TrainingData.of(job, shards, name)
     inputs_hash = params_hash({"job": {k: v for k, v in job.items() if k not in RUNTIME_KNOBS},
                                "backbone": backbone_fp, "data": data.fingerprint})
     out = adapter_path(out_dir, name)
@@ -208,16 +225,18 @@ def train_adapter(cfg: dict, name: str, backbone_path: str = paths.BACKBONE,
 
 
 def train_loader(job: dict, name: str, shards: str, data: TrainingData) -> reader.SegmentedLoader:
-    """The job's patches: the paired folder less its held-out tenth, or synthetic ones."""
+    """The job's patches: from the training side of its paired data, synthetic ones, or both
+    (a share of each)."""
+    streams, shares = [], []
     if data.folder is not None:
-        folder = data.folder
-        held_out = set(folder.names[::10]) if len(folder) >= 10 else set()
-        train_folder = copy.copy(folder)
-        train_folder.names = [n for n in folder.names if n not in held_out]
-        stream = reader.PairedStream(train_folder, PairedPatch(job["patch"]), seed=job["seed"])
-    else:
-        stream = reader.ShardStream(reader.shard_urls(shards, "train", data.index),
-                                    SyntheticPatch(name, job["patch"], tuple(job["severity"])), seed=job["seed"])
+        streams.append(reader.PairedStream(data.folder, PairedPatch(job["patch"]), seed=job["seed"]))
+        shares.append(data.share)
+    if data.index is not None:
+        streams.append(reader.ShardStream(reader.shard_urls(shards, "train", data.index),
+                                          SyntheticPatch(name, job["patch"], tuple(job["severity"]),
+                                                         synthetic_options(data.index, name)), seed=job["seed"]))
+        shares.append(1.0 - data.share if data.folder is not None else 1.0)
+    stream = streams[0] if len(streams) == 1 else reader.MixedStream(streams, shares, seed=job["seed"])
     return reader.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))
 
 
@@ -245,7 +264,9 @@ def validate_adapter(backbone, bank, name: str, pairs, device: torch.device) -> 
 
 def adapter_metadata(job: dict, name: str, inputs_hash: str, val: dict) -> dict:
     """What the adapter file records beyond the bank's own: its inputs, data, severity, steps, scores."""
-    return {"inputs_hash": inputs_hash, "data": job["data"] or f"synthetic:{name}",
+    data = job["data"]
+    return {"inputs_hash": inputs_hash,
+            "data": (json.dumps(data, sort_keys=True) if isinstance(data, dict) else data) if data else f"synthetic:{name}",
             "severity": json.dumps(job["severity"]), "steps": str(job["steps"]),
             **{k: f"{v:.4f}" for k, v in val.items()}}
 

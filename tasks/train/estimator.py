@@ -4,6 +4,14 @@ Targets: one-hot for single-degradation samples (synthetic from the shard set's 
 the adapter's own paired folder) and area fractions for composite samples (the share of pixels
 each adapter's degradation covers). Optional second step ("SW"): tune the estimator through the
 blended restoration loss, backbone and adapters frozen.
+
+Do no harm (`do_no_harm`, ../shared/DESIGN.md "Modes"): the targets get a `base` column (the
+backbone alone): all of it for clean and barely degraded samples (`p_clean`), and the clean share
+of a composite sample's pixels. Then a last step (`keep_steps`) trains the keep head alone, with
+everything else frozen, on the loss of what is served: the squared error of
+`keep * input + (1 - keep) * restored`, where `restored` is the system's SW output for the sample.
+The optimal keep is high exactly where the restoration hurts (a clean photo, an adapter applied
+where it does not belong) and near zero where it helps, so the head learns to recognise both.
 """
 
 from __future__ import annotations
@@ -43,16 +51,28 @@ def adapter_sources(files: list[Path]) -> list[dict]:
     for path in files:
         meta = read_adapter_metadata(path)
         data_source = meta.get("data", "")
-        sources.append({"name": meta["degradation"], "data": None if data_source.startswith("synthetic:") or not data_source else data_source,
+        if data_source.startswith("{"):
+            data_source = json.loads(data_source)  # the mapping form of paired data (reader.paired_spec)
+        elif data_source.startswith("synthetic:"):
+            data_source = None
+        share = reader.paired_spec(data_source)["share"] if data_source else 1.0
+        sources.append({"name": meta["degradation"], "data": data_source or None, "share": share,
                         "severity": json.loads(meta.get("severity", "[0.2, 1.0]")), "sha256": file_sha256(path)})
     return sources
 
 
 class EstimatorSample:
-    """Shard sample -> (degraded, clean, target weights over the adapters)."""
+    """Shard sample -> (degraded, clean, target weights over the adapters [and `base`]).
 
-    def __init__(self, sources: list[dict], shard_classes: list[str], p_single: float, crop: int):
+    With `base` (do no harm) a share `p_clean` of samples is the clean crop, left as it is or
+    barely degraded by one adapter's degradation at severity up to `faint`, with all the target
+    on `base`; composite samples put their clean pixels' share there."""
+
+    def __init__(self, sources: list[dict], shard_classes: list[str], p_single: float, crop: int,
+                 base: bool = False, p_clean: float = 0.0, faint: float = 0.1, options: dict | None = None):
         self.sources, self.p_single, self.crop = sources, p_single, crop
+        self.options = options or {}
+        self.base, self.p_clean, self.faint = base, p_clean, faint
         self.names = [s["name"] for s in sources]
         # bit i of the shard mask -> adapter column (or -1 when no adapter handles that class)
         self.column_of_bit = [self.names.index(c) if c in self.names else -1 for c in shard_classes]
@@ -62,7 +82,7 @@ class EstimatorSample:
     def _paired(self, source: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         folder = self._folders.get(source["name"])
         if folder is None:
-            folder = self._folders[source["name"]] = reader.PairedFolder(source["data"], check=False)
+            folder = self._folders[source["name"]] = reader.open_paired(source["data"], "train")
         pair_name = folder.names[int(rng.integers(0, len(folder)))]
         key = (source["name"], pair_name)
         if key not in self._pairs:
@@ -71,21 +91,36 @@ class EstimatorSample:
         return degraded.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0
 
     def __call__(self, sample: dict, rng: np.random.Generator):
-        target = np.zeros(len(self.names), np.float32)
+        target = np.zeros(len(self.names) + int(self.base), np.float32)
+        if self.base and rng.random() < self.p_clean:
+            clean = sample["clean"].astype(np.float32) / 255.0
+            degraded = clean
+            if rng.random() < 0.5:
+                name = self.names[int(rng.integers(0, len(self.names)))]
+                degraded, _ = composite.draw(clean, rng, name, (0.0, self.faint), self.options.get(name))
+            target[-1] = 1.0
+            return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
         if rng.random() < self.p_single:
             k = int(rng.integers(0, len(self.names)))
             source = self.sources[k]
-            if source["data"]:
+            if source["data"] and (source["share"] >= 1.0 or rng.random() < source["share"]):
                 degraded, clean = self._paired(source, rng)
             else:
                 clean = sample["clean"].astype(np.float32) / 255.0
-                degraded, _ = composite.draw(clean, rng, source["name"], tuple(source["severity"]))
+                degraded, _ = composite.draw(clean, rng, source["name"], tuple(source["severity"]),
+                                             self.options.get(source["name"]))
             target[k] = 1.0
         else:
             mask = sample["mask"]
             for bit, column in enumerate(self.column_of_bit):
                 if column >= 0:
                     target[column] += float(((mask >> bit) & 1).mean())
+            if self.base:
+                handled = [bit for bit, column in enumerate(self.column_of_bit) if column >= 0]
+                touched = np.zeros(mask.shape, bool)
+                for bit in handled:
+                    touched |= ((mask >> bit) & 1).astype(bool)
+                target[-1] = float((~touched).mean())
             if target.sum() == 0:
                 return None  # clean, or only degradations no adapter handles
             target /= target.sum()
@@ -108,14 +143,15 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
     estimator.eval()
     for k, source in enumerate(sources):
         if source["data"]:
-            folder = reader.PairedFolder(source["data"], check=False)
-            held_out = folder.names[::10][:per_class]
+            folder = reader.open_paired(source["data"], "val")
+            held_out = folder.names[:per_class]
             crop = index["crop_size"]
             inputs = [folder.load(n)[0][:crop, :crop].astype(np.float32) / 255.0 for n in held_out]
         else:
             lo, hi = source["severity"]
+            options = ((index.get("generator") or {}).get("options") or {}).get(source["name"], {})
             inputs = [degradations.get(source["name"]).apply(c, np.random.default_rng([seed, 104729, k, i]),
-                                                             lo + (hi - lo) * (i + 0.5) / len(cleans))[0]
+                                                             lo + (hi - lo) * (i + 0.5) / len(cleans), **options)[0]
                       for i, c in enumerate(cleans)]
         if not inputs:
             continue
@@ -124,7 +160,13 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
         for p in predicted:
             confusion[k, p] += 1
     total = confusion.sum()
-    return {"accuracy": float(np.trace(confusion) / max(total, 1)), "confusion": confusion.tolist(), "names": names}
+    result = {"accuracy": float(np.trace(confusion) / max(total, 1)), "confusion": confusion.tolist(), "names": names}
+    if estimator.base is not None and cleans:
+        # held-out clean crops: how often the backbone alone wins, and how much of the input is kept
+        weights = estimator.weights(torch.stack([reader.to_tensor(c) for c in cleans]).to(device))
+        result["clean_base_share"] = float((weights[:, :len(names)].sum(1) < 0.5).float().mean())
+        result["clean_keep_mean"] = float(weights[:, -1].mean())
+    return result
 
 
 def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
@@ -152,9 +194,14 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
         estimator = start.to(device)
     else:
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
-                              view_size=cfg["view_size"], random_crops=True, class_names=names).to(device)
+                              view_size=cfg["view_size"], random_crops=True, do_no_harm=bool(cfg.get("do_no_harm", False)),
+                              class_names=names).to(device)
+    do_no_harm = estimator.base is not None
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
-                                EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"]),
+                                EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"],
+                                                base=do_no_harm, p_clean=cfg.get("p_clean", 0.0),
+                                                faint=cfg.get("faint_severity", 0.1),
+                                                options=(index.get("generator") or {}).get("options")),
                                 seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
     loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
 
@@ -173,10 +220,15 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
         if int(cfg.get("sw_steps", 0)) > 0:
             summary["sw_final_loss"] = tune_blend(estimator, names, files, stream, cfg, backbone_path, device,
                                                   sw_log, progress)
+        if do_no_harm and int(cfg.get("keep_steps", 0)) > 0:
+            keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep"], run)
+            summary["keep_final_loss"] = tune_keep(estimator, names, files, stream, cfg, backbone_path, device,
+                                                   keep_log, progress)
 
         estimator.to("cpu")
         val = single_degradation_accuracy(estimator, sources, shards, index, cfg["seed"], cfg.get("val_samples", 16), "cpu")
         summary["val_accuracy"] = val["accuracy"]
+        summary.update({k: val[k] for k in ("clean_base_share", "clean_keep_mean") if k in val})
         save_estimator(estimator, out, extra_metadata={"inputs_hash": inputs_hash, "adapters": names,
                                                        "adapter_sha256": [s["sha256"] for s in sources],
                                                        "val_accuracy": f"{val['accuracy']:.4f}", "temperature": str(cfg["temperature"])})
@@ -203,7 +255,8 @@ def classify_loss(estimator, device: torch.device):
 
     def loss_fn(batch):
         degraded, _, target = (t.to(device) for t in batch)
-        return soft_cross_entropy(estimator(degraded), target), {}
+        logits = estimator.outputs(degraded)[0] if estimator.base is not None else estimator(degraded)
+        return soft_cross_entropy(logits, target), {}
 
     return loss_fn
 
@@ -212,16 +265,8 @@ def tune_blend(estimator, names: list[str], files: list[Path], stream: reader.Sh
                backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> float:
     """The SW step: tune the estimator through the restoration it blends (the estimator learns
     which blend restores best), backbone and adapters frozen. Returns the final loss."""
-    from models.identity import fingerprint, load_backbone
-
     sw_steps = int(cfg["sw_steps"])
-    backbone = load_backbone(backbone_path)
-    backbone.drop_seg_head()
-    bank = load_bank(backbone, files)
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    backbone_fp = fingerprint(backbone)
-    backbone.to(device).eval()
+    backbone, bank, backbone_fp = frozen_system(backbone_path, files, device)
     sw_cfg = {**cfg, "lr": cfg["sw_lr"], "warmup_steps": 0, "steps": sw_steps}
     sw_loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
     stream.seed = cfg["seed"] + 1
@@ -229,9 +274,79 @@ def tune_blend(estimator, names: list[str], files: list[Path], stream: reader.Sh
                       blended_loss(estimator, backbone, bank, names, cfg["temperature"], device),
                       sw_loader.batches(0, sw_steps), sw_cfg, sw_steps, device, steplog=steplog, desc="estimator sw",
                       progress=progress)
-    if fingerprint(backbone) != backbone_fp:
-        raise AbairError(backbone_path, "the backbone changed during the SW step (it must stay frozen)")
+    check_frozen(backbone, backbone_fp, backbone_path, "SW")
     return float(np.mean(losses[-10:]))
+
+
+def frozen_system(backbone_path: str, files: list[Path], device: torch.device):
+    """(backbone, adapter bank, backbone fingerprint): the trained system, frozen, in eval mode."""
+    from models.identity import fingerprint, load_backbone
+
+    backbone = load_backbone(backbone_path)
+    backbone.drop_seg_head()
+    bank = load_bank(backbone, files)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    backbone.to(device).eval()
+    return backbone, bank, fingerprint(backbone)
+
+
+def check_frozen(backbone, backbone_fp: str, backbone_path: str, step: str) -> None:
+    from models.identity import fingerprint
+
+    if fingerprint(backbone) != backbone_fp:
+        raise AbairError(backbone_path, f"the backbone changed during the {step} step (it must stay frozen)")
+
+
+def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.ShardStream, cfg: dict,
+              backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> float:
+    """The keep step: train the keep head alone on the served output's error (module docstring).
+    Returns the final loss."""
+    keep_steps = int(cfg["keep_steps"])
+    backbone, bank, backbone_fp = frozen_system(backbone_path, files, device)
+    for p in estimator.parameters():
+        p.requires_grad_(False)
+    head = list(estimator.keep_head.parameters())
+    for p in head:
+        p.requires_grad_(True)
+    keep_cfg = {**cfg, "lr": cfg.get("keep_lr", cfg["lr"]), "warmup_steps": 0, "steps": keep_steps, "grad_clip": 0}
+    loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=keep_steps, workers=cfg.get("workers", 0))
+    stream.seed = cfg["seed"] + 2
+    losses = loop.fit(loop.Training(head, keep_cfg, device),
+                      keep_loss(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"), device),
+                      loader.batches(0, keep_steps), keep_cfg, keep_steps, device, steplog=steplog,
+                      desc="estimator keep", progress=progress)
+    for p in estimator.parameters():
+        p.requires_grad_(True)
+    check_frozen(backbone, backbone_fp, backbone_path, "keep")
+    return float(np.mean(losses[-10:]))
+
+
+def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
+              device: torch.device):
+    """The loop's loss for the keep step: mean squared error of the served blend. The restoration
+    runs without gradients on the central `crop` pixels (the keep is one number per image)."""
+    columns = [bank.names.index(n) for n in names]
+
+    def loss_fn(batch):
+        degraded, clean, _ = (t.to(device) for t in batch)
+        with torch.no_grad():
+            weights = estimator.weights(degraded, "sw", temperature)
+            if crop:
+                h, w = degraded.shape[-2:]
+                y0, x0 = max(h - crop, 0) // 2, max(w - crop, 0) // 2
+                degraded_c, clean_c = (t[:, :, y0:y0 + crop, x0:x0 + crop] for t in (degraded, clean))
+            else:
+                degraded_c, clean_c = degraded, clean
+            bank_weights = weights.new_zeros(weights.shape[0], len(bank))
+            bank_weights[:, columns] = weights[:, :len(names)]
+            with bank.weights(bank_weights):
+                restored = backbone(degraded_c).float().clamp(0, 1)
+        keep = torch.sigmoid(estimator.keep_head(estimator.features(degraded)).float()).view(-1, 1, 1, 1)
+        served = torch.lerp(restored, degraded_c.float(), keep)
+        return F.mse_loss(served, clean_c.float()), {"keep": float(keep.mean())}
+
+    return loss_fn
 
 
 def blended_loss(estimator, backbone, bank, names: list[str], temperature: float, device: torch.device):
@@ -240,7 +355,7 @@ def blended_loss(estimator, backbone, bank, names: list[str], temperature: float
 
     def loss_fn(batch):
         degraded, clean, _ = (t.to(device) for t in batch)
-        weights = torch.softmax(estimator(degraded).float() / temperature, dim=1)
+        weights = estimator.weights(degraded, "sw", temperature)[:, :len(names)]
         bank_weights = weights.new_zeros(weights.shape[0], len(bank))
         bank_weights[:, columns] = weights
         with bank.weights(bank_weights):

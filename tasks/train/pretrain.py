@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.core import paths
+from tasks.core import imageio, paths, storage
 from tasks.data import reader
 
 from tasks.train import loop
@@ -39,12 +39,30 @@ RUNTIME_KNOBS = ("workers", "device", "log_every", "compile", "val_every")
 
 
 class PretrainSample:
-    """Shard sample -> (degraded, clean, class bits) patch tensors, jointly augmented."""
+    """Shard sample -> (degraded, clean, class bits) patch tensors, jointly augmented.
 
-    def __init__(self, patch: int, n_classes: int):
-        self.patch, self.n_classes = patch, n_classes
+    With a `generator` (the shard index's record of how its samples were degraded: `redraw`), the
+    stored degraded image and mask are replaced by a fresh composite draw from the sample's clean
+    crop, from the stream's rng: every visit of a crop brings new degradations, seeded per
+    segment, so runs stay reproducible and resumable."""
+
+    def __init__(self, patch: int, n_classes: int, generator: dict | None = None):
+        self.patch, self.n_classes, self.generator = patch, n_classes, generator
+
+    def redraw(self, clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        from degradations import composite
+
+        gen, comp = self.generator, self.generator["composite"]
+        degraded, mask, _ = composite.apply(
+            clean.astype(np.float32) / 255.0, rng, gen["classes"], {k: tuple(v) for k, v in gen["severity"].items()},
+            regions=tuple(comp["regions"]), degradations_per_region=tuple(comp["degradations_per_region"]),
+            shape_fraction=comp["shape_fraction"], p_single=comp["p_single"], p_clean=comp["p_clean"],
+            options=gen.get("options") or {})
+        return imageio.to_uint8(degraded), mask
 
     def __call__(self, sample: dict, rng: np.random.Generator):
+        if self.generator is not None:
+            sample = {**sample, **dict(zip(("degraded", "mask"), self.redraw(sample["clean"], rng)))}
         degraded, clean, mask = reader.random_patch([sample["degraded"], sample["clean"], sample["mask"]], self.patch, rng)
         bits = np.unpackbits(mask[:, :, None], axis=2, bitorder="little")[:, :, :self.n_classes]
         return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(bits.transpose(2, 0, 1).astype(np.float32))
@@ -173,7 +191,14 @@ def build_model(cfg: dict, n_classes: int, device: torch.device) -> torch.nn.Mod
 
 def train_loader(cfg: dict, shards: str, index: dict) -> reader.SegmentedLoader:
     """The train split as seeded segments of `checkpoint_every` steps (what makes resuming exact)."""
-    stream = reader.ShardStream(reader.shard_urls(shards, "train", index), PretrainSample(cfg["patch"], len(index["classes"])),
+    generator = None
+    if cfg.get("redraw"):
+        generator = index.get("generator")
+        if generator is None:
+            raise AbairError(storage.join(shards, "index.json"), "has no `generator` record, which pretrain.redraw "
+                             "needs: re-run the synthesize stage with this version")
+    stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
+                                PretrainSample(cfg["patch"], len(index["classes"]), generator),
                                 seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256),
                                 on_error=cfg.get("on_corrupt", "raise"))
     segment_steps = int(cfg.get("segment_steps") or cfg["checkpoint_every"])

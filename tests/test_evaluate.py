@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tasks.core.errors import AbairError
 from tasks.core.metrics import PSNR_CAP, image_metrics, psnr, ssim, to_y
-from tasks.evaluate.run import summary_metrics
+from tasks.evaluate.run import WORSE_DB, SetResult, build_metrics, summary_metrics
 from tasks.evaluate.sets import SetSpec, centre_crop, load_set, parse_sets, prepare_synthetic, suite_fingerprint
 from tasks.evaluate.stage import evaluate, evaluate_restorer
 from tasks.evaluate.tables import paper_tables
@@ -176,12 +176,16 @@ def test_summary_holds_the_served_mode_per_group_and_the_estimator(tmp_path):
     scopes = ("known", "unseen", "mixed", "all")
     assert set(summary) == {*scopes, "estimator"}
     for scope in scopes:
-        assert set(summary[scope]) == {"sw_psnr", "sw_ssim", "sw_psnr_gain"}
+        assert set(summary[scope]) == {"sw_psnr", "sw_ssim", "sw_psnr_gain", "sw_worse"}
         assert summary[scope]["sw_psnr"] == metrics[f"summary/{scope}/sw/psnr"]
         assert summary[scope]["sw_ssim"] == metrics[f"summary/{scope}/sw/ssim"]
+        assert summary[scope]["sw_worse"] == metrics[f"summary/{scope}/sw/worse"]
         gain = metrics[f"summary/{scope}/sw/psnr"] - metrics[f"summary/{scope}/input/psnr"]
         assert summary[scope]["sw_psnr_gain"] == round(gain, 4)
     assert summary["estimator"] == {"accuracy": metrics["estimator/accuracy"]}
+    # The estimator picks `dark` for the halved set (exact: nothing worse) and for the unchanged
+    # set it doubles images that were fine (all worse).
+    assert summary["known"]["sw_worse"] == 0.0 and summary["unseen"]["sw_worse"] == 1.0
 
 
 def test_summary_leaves_out_what_was_not_measured():
@@ -189,6 +193,91 @@ def test_summary_leaves_out_what_was_not_measured():
                "summary/unseen/none/psnr": 25.0, "summary/all/sw/psnr": 23.1234, "known/dim/sw/psnr": 23.1234}
     assert summary_metrics(metrics) == {"known": {"sw_psnr": 23.1234, "sw_ssim": 0.8, "sw_psnr_gain": 3.1234},
                                         "all": {"sw_psnr": 23.1234}}
+
+
+# ------------------------------------------------------------------------------------------------
+# The classical baseline mode and the "made worse" share
+
+
+class BrightDarkener(HandBuiltRestorer):
+    """Every restorer mode halves the images whose mean is above 0.45 and leaves the others."""
+
+    def restore(self, images, mode="sw", weights=None, temperature=1.0, tile=None, max_pixels=None):
+        bright = (images.mean(dim=(1, 2, 3)) > 0.45).float()[:, None, None, None]
+        return images * (1.0 - 0.5 * bright), self.estimator.weights(images, mode)
+
+
+def smooth_noisy_set(root: Path, count: int = 3) -> Path:
+    """Smooth mid-grey targets (mean 0.5) and their sigma-25 noisy inputs: NLM's home ground."""
+    yy, xx = np.mgrid[0:48, 0:64] / 64.0
+    for i in range(count):
+        base = 0.5 + 0.15 * np.sin(2 * np.pi * (xx + 0.3 * i)) * np.cos(2 * np.pi * yy)
+        target = np.stack([base, 0.8 * base + 0.1, 1.0 - base], axis=-1)
+        noisy = target + np.random.default_rng(i).normal(0.0, 25 / 255, target.shape)
+        write_png(root / "target" / f"{i}.png", np.clip(np.rint(target * 255), 0, 255).astype(np.uint8))
+        write_png(root / "input" / f"{i}.png", np.clip(np.rint(noisy * 255), 0, 255).astype(np.uint8))
+    return root
+
+
+def test_baseline_mode_and_made_worse_share(tmp_path):
+    noisy = smooth_noisy_set(tmp_path / "noisy")
+    # input == target; images 0-2 dark (mean ~0.3, left alone), image 3 bright (halved: worse)
+    levels = [70, 80, 75, 160]
+    for i, level in enumerate(levels):
+        img = np.full((32, 48, 3), level, np.uint8)
+        img[:, ::2] += 10
+        write_png(tmp_path / "lights" / "target" / f"{i}.png", img)
+        write_png(tmp_path / "lights" / "input" / f"{i}.png", img)
+    cfg = {"device": "cpu", "strips": 0, "sets": [
+        {"name": "noisy", "group": "known", "task": ["noise"], "path": str(noisy)},
+        {"name": "lights", "group": "unseen", "task": ["jpeg"], "path": str(tmp_path / "lights")},
+    ]}
+    metrics = evaluate_restorer(BrightDarkener(), cfg, reports=str(tmp_path / "reports"), progress=False)
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+
+    # The baseline (NLM for a noise set) restores; the darkening restorer makes every image worse.
+    assert metrics["known/noisy/baseline/psnr"] > metrics["known/noisy/input/psnr"] + 2.0
+    assert metrics["known/noisy/baseline/ssim"] > metrics["known/noisy/input/ssim"]
+    assert metrics["known/noisy/baseline/worse"] == 0.0
+    for mode in ("none", "adapter_dark", "adapter_bright", "oh", "sw"):
+        assert metrics[f"known/noisy/{mode}/worse"] == 1.0, mode
+    assert "known/noisy/input/worse" not in metrics
+    # No classical method for jpeg: the baseline is the input itself; one image in four halved.
+    assert metrics["unseen/lights/baseline/psnr"] == metrics["unseen/lights/input/psnr"] == PSNR_CAP
+    assert metrics["unseen/lights/baseline/worse"] == 0.0
+    assert metrics["unseen/lights/sw/worse"] == 0.25
+    # Summaries: the mean share over the sets; summary.json carries the served mode's.
+    assert metrics["summary/known/sw/worse"] == 1.0 and metrics["summary/unseen/sw/worse"] == 0.25
+    assert metrics["summary/all/sw/worse"] == 0.625 and metrics["summary/all/baseline/worse"] == 0.0
+    assert summary["all"]["sw_worse"] == 0.625 and summary["known"]["sw_worse"] == 1.0
+    assert summary["all"]["sw_psnr"] == metrics["summary/all/sw/psnr"]              # existing keys kept
+    assert math.isclose(metrics["summary/all/baseline/psnr"],
+                        (metrics["known/noisy/baseline/psnr"] + metrics["unseen/lights/baseline/psnr"]) / 2,
+                        abs_tol=1e-3)
+
+    results = (tmp_path / "reports" / "results.md").read_text()
+    assert "## Table 4: made worse (>0.1 dB)" in results
+    assert "| Set | Group | Images | ABAIR (SW) | Baseline (classical) |" in results
+    assert "| `noisy` | known | 3 | 100% (3/3) | 0% (0/3) |" in results
+    assert "| `lights` | unseen | 4 | 25% (1/4) | 0% (0/4) |" in results
+    plain = results.replace("**", "")
+    assert f"| Baseline (classical) | {metrics['known/noisy/baseline/psnr']:.2f}/" in plain
+    assert "| `noisy` | known | paired" in results and "| noise | NLM (estimated sigma) | 3 |" in results
+    assert "| jpeg | none (the input) | 4 |" in results
+    tables = paper_tables(metrics)
+    assert {r["set"]: r["sw worse"] for r in tables["worse"]}["lights"] == 0.25
+    assert {r["method"]: r for r in tables["known"]}["Baseline (classical)"]["params"] is None
+
+
+def test_worse_share_counts_drops_beyond_the_threshold_only():
+    spec = parse_sets({"sets": [{"name": "s", "group": "known", "task": [], "path": "unused"}]})[0]
+    ref = [30.0, 30.0, 30.0, 30.0]
+    per_image = {"input": {"psnr": ref}, "sw": {"psnr": [30.0 - WORSE_DB / 2, 30.0 - 2 * WORSE_DB, 31.0, 12.0]},
+                 "none": {"psnr": [30.0, 30.0, 30.0, 30.0]}}
+    result = SetResult(spec, 4, [(16, 16)] * 4, per_image, input_psnr=ref)
+    metrics = build_metrics([result], {"backbone": 1, "adapters": 0, "estimator": 0, "total": 1}, None)
+    assert metrics["known/s/sw/worse"] == 0.5 and metrics["known/s/none/worse"] == 0.0
+    assert "known/s/input/worse" not in metrics and metrics["summary/all/sw/worse"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,11 +385,21 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
     assert list(first) == sorted(first)
     assert spec_file.stat().st_mtime_ns == built                  # the cached set was reused
 
-    modes = ["input", "none", "adapter_noise", "adapter_haze", "oh", "sw", "oracle"]
+    modes = ["input", "baseline", "none", "adapter_noise", "adapter_haze", "oh", "sw", "oracle"]
     for mode in modes:
         for metric in ("psnr", "ssim"):
             assert isinstance(first[f"known/noise/{mode}/{metric}"], float)
             assert isinstance(first[f"mixed/haze_noise/{mode}/{metric}"], float)
+        if mode != "input":
+            assert 0.0 <= first[f"known/noise/{mode}/worse"] <= 1.0
+            assert 0.0 <= first[f"summary/all/{mode}/worse"] <= 1.0
+    # The classical baseline: NLM for noise (it helps), dehazing + NLM for haze + noise, the
+    # input itself for JPEG (no method).
+    assert first["known/noise/baseline/psnr"] > first["known/noise/input/psnr"]
+    assert first["known/noise/baseline/worse"] == 0.0
+    assert first["mixed/haze_noise/baseline/psnr"] != first["mixed/haze_noise/input/psnr"]
+    assert first["unseen/jpeg/baseline/psnr"] == first["unseen/jpeg/input/psnr"]
+    assert first["unseen/jpeg/baseline/worse"] == 0.0
     assert "unseen/jpeg/oracle/psnr" not in first and "unseen/jpeg/sw/psnr" in first
     assert first["known/noise/oracle/psnr"] == first["known/noise/adapter_noise/psnr"]
     assert first["known/noise/sw/psnr"] != first["known/noise/none/psnr"]      # the adapters do something
@@ -319,6 +418,7 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
                     "## Table 3: mixed degradations", "OH vs SW vs oracle", "evaluation sets", "Degradation estimator"):
         assert heading in results
     assert "| Method | noise | haze | Average | Params |" in results
+    assert "| Baseline (classical) |" in results and "made worse (>0.1 dB)" in results
     assert f"| ABAIR (SW) | {first['known/noise/sw/psnr']:.2f}/" in results.replace("**", "")
     plots = tmp_path / "r1" / "plots"
     expected = ["radar.png", "bars_known.png", "bars_unseen.png", "bars_mixed.png", "confusion.png",

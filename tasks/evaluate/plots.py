@@ -31,7 +31,7 @@ def _save(fig, path: Path, dpi: int) -> Path:
 
 def _colours(modes: Sequence[str]) -> dict[str, Any]:
     plt = _pyplot()
-    fixed = {"input": "#9e9e9e", "none": "#5d4037", "oh": "#1f77b4", "sw": "#d62728", "oracle": "#2ca02c"}
+    fixed = {"input": "#9e9e9e", "baseline": "#7b3294", "none": "#5d4037", "oh": "#1f77b4", "sw": "#d62728", "oracle": "#2ca02c"}
     adapters = [m for m in modes if m not in fixed]
     cmap = plt.get_cmap("Set2")
     return {**fixed, **{m: cmap(i % 8) for i, m in enumerate(adapters)}}
@@ -43,7 +43,7 @@ def plot_radar(metrics: dict, set_order: Sequence[str], path: Path) -> Path:
     plt = _pyplot()
     tree = metrics_tree(metrics)
     axes_sets = [(g, s) for g in GROUPS for s in ordered_sets(tree.get(g, {}), set_order)]
-    candidates = ["input", "none", "oh", "sw", "oracle"]
+    candidates = ["input", "baseline", "none", "oh", "sw", "oracle"]
     modes = [m for m in candidates if axes_sets and all(m in tree[g][s] for g, s in axes_sets)]
     fig = plt.figure(figsize=(7.5, 7.5))
     ax = fig.add_subplot(projection="polar")

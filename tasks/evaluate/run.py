@@ -3,6 +3,8 @@
 Modes, all on the same images:
 
     input            the degraded input itself
+    baseline         the classical method(s) for the set's task (tasks.evaluate.baselines: dark
+                     channel prior, gamma + CLAHE, NLM); the input where none exists
     none             the backbone alone
     adapter_<name>   the backbone with that one adapter
     oh, sw           the estimator's one-hot choice / soft blend (ABAIR)
@@ -10,6 +12,9 @@ Modes, all on the same images:
 
 metrics.json has flat `<group>/<set>/<mode>/<metric>` keys plus per-group summaries, the
 estimator's accuracy and the parameter counts; summary.json is its short view (DVC's metrics).
+Besides the image metrics, every mode but `input` has `worse`: the share of the set's images
+whose PSNR is lower than the input's by more than WORSE_DB (the design's "never makes an image
+worse", measured); its summaries are the mean share over the sets.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import numpy as np
 import torch
 
 from tasks.core import imageio
-from tasks.core.metrics import image_metrics
+from tasks.core.metrics import image_metrics, psnr
+from tasks.evaluate import baselines
 from tasks.evaluate.sets import GROUPS, LoadedSet, SetSpec
 
 DECIMALS = 4
 # summary.json: the served mode, compared with the degraded input.
 SERVED_MODE = "sw"
+# An image is "made worse" by a mode when its PSNR drops below the input's by more than this.
+WORSE_DB = 0.1
 
 
 def rounded(value: float) -> float:
@@ -57,6 +65,8 @@ def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Seque
     plan: list[tuple[str, str, tuple | None]] = []
     if "input" in modes:
         plan.append(("input", "input", None))
+    if "baseline" in modes:
+        plan.append(("baseline", "baseline", None))
     if "none" in modes:
         plan.append(("none", "none", None))
     if "adapters" in modes:
@@ -80,9 +90,18 @@ class SetResult:
     predictions: list[str] = field(default_factory=list)    # estimator argmax per image
     strips: dict[str, list[np.ndarray]] = field(default_factory=dict)   # input / output / target
     strip_mode: str | None = None
+    input_psnr: list[float] = field(default_factory=list)    # per image, whether or not `input` ran
 
     def mean(self, mode: str, metric: str) -> float:
         return float(np.mean(self.per_image[mode][metric]))
+
+    def worse(self, mode: str) -> float | None:
+        """Share of the images whose PSNR under `mode` is below the input's by more than
+        WORSE_DB; None for `input` itself or without per-image figures."""
+        values = self.per_image.get(mode, {}).get("psnr", [])
+        if mode == "input" or not values or len(values) != len(self.input_psnr):
+            return None
+        return float(np.mean([v < ref - WORSE_DB for v, ref in zip(values, self.input_psnr)]))
 
 
 def _batches(shapes: Sequence[tuple], batch: int) -> list[list[int]]:
@@ -97,8 +116,15 @@ def _batches(shapes: Sequence[tuple], batch: int) -> list[list[int]]:
 
 
 def _stack(images: list[np.ndarray], device) -> torch.Tensor:
-    array = np.stack(images).astype(np.float32) / 255.0
+    """uint8 (or float [0, 1]) HxWx3 images -> a B x 3 x H x W float tensor in [0, 1]."""
+    array = np.stack(images)
+    array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def baseline_outputs(loaded: LoadedSet, batch: list[int], device) -> torch.Tensor:
+    """The classical baseline (tasks.evaluate.baselines) of the set's task on the batch's inputs."""
+    return _stack([baselines.restore(imageio.to_float_rgb(loaded.inputs[i]), loaded.spec.task) for i in batch], device)
 
 
 def _estimator_weights(restorer, done: dict, x: torch.Tensor, names: list[str], temperature):
@@ -119,14 +145,20 @@ def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None)
     strip_mode = next((m for m in ("sw", "oh", "oracle", "none") if any(p[0] == m for p in plan)), None)
     per_image: dict[str, dict[str, list[float]]] = {key: {} for key, _, _ in plan}
     predictions: list[str] = []
+    input_psnr: list[float] = []
     strips: dict[str, list[np.ndarray]] = {"input": [], "output": [], "target": []}
     for batch in _batches([x.shape for x in loaded.inputs], int(cfg.get("batch", 8))):
         x = _stack([loaded.inputs[i] for i in batch], device)
         y = _stack([loaded.targets[i] for i in batch], device)
         done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        input_psnr.extend(float(v) for v in psnr(x, y).cpu())
         for key, mode, weights in plan:
             if mode == "input":
                 out = x
+            elif mode == "baseline":
+                out = baseline_outputs(loaded, batch, device)
+                if bar is not None:
+                    bar.update(len(batch))
             else:
                 call = (mode, weights)
                 if call not in done:
@@ -145,7 +177,8 @@ def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None)
         est_weights = _estimator_weights(restorer, done, x, names, temperature)
         if est_weights is not None:
             predictions.extend(names[int(k)] for k in est_weights[:, :len(names)].argmax(dim=1).cpu())
-    return SetResult(loaded.spec, len(loaded.inputs), loaded.sizes, per_image, predictions, strips, strip_mode)
+    return SetResult(loaded.spec, len(loaded.inputs), loaded.sizes, per_image, predictions, strips, strip_mode,
+                     input_psnr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +214,8 @@ def build_metrics(results: list[SetResult], counts: dict, confusion: dict | None
         for mode, values in res.per_image.items():
             for metric in values:
                 flat[f"{prefix}/{mode}/{metric}"] = rounded(res.mean(mode, metric))
+            if (share := res.worse(mode)) is not None:
+                flat[f"{prefix}/{mode}/worse"] = rounded(share)
     for scope in (*GROUPS, "all"):
         members = [r for r in results if scope == "all" or r.spec.group == scope]
         modes = {m for r in members for m in r.per_image}
@@ -189,6 +224,9 @@ def build_metrics(results: list[SetResult], counts: dict, confusion: dict | None
                 values = [r.mean(mode, metric) for r in members if metric in r.per_image.get(mode, {})]
                 if values:
                     flat[f"summary/{scope}/{mode}/{metric}"] = rounded(np.mean(values))
+            shares = [share for r in members if (share := r.worse(mode)) is not None]
+            if shares:
+                flat[f"summary/{scope}/{mode}/worse"] = rounded(np.mean(shares))
     if confusion is not None and confusion["accuracy"] is not None:
         flat["estimator/accuracy"] = rounded(confusion["accuracy"])
         flat["estimator/images"] = confusion["total"]
@@ -207,8 +245,10 @@ def build_metrics(results: list[SetResult], counts: dict, confusion: dict | None
 
 def summary_metrics(metrics: dict) -> dict:
     """summary.json from the flat metrics: per group (and all) the served mode's mean PSNR and
-    SSIM and its PSNR gain over the degraded input, plus the estimator's accuracy. What was not
-    measured (a group without sets, no estimator, a mode left out) is left out."""
+    SSIM, its PSNR gain over the degraded input and its "made worse" share (`sw_worse`: the mean
+    over the sets of the share of images it left more than WORSE_DB below the input), plus the
+    estimator's accuracy. What was not measured (a group without sets, no estimator, a mode left
+    out) is left out."""
     summary: dict = {}
     for scope in (*GROUPS, "all"):
         served = {metric: metrics.get(f"summary/{scope}/{SERVED_MODE}/{metric}") for metric in ("psnr", "ssim")}
@@ -216,6 +256,8 @@ def summary_metrics(metrics: dict) -> dict:
         degraded = metrics.get(f"summary/{scope}/input/psnr")
         if served["psnr"] is not None and degraded is not None:
             entry[f"{SERVED_MODE}_psnr_gain"] = rounded(served["psnr"] - degraded)
+        if (worse := metrics.get(f"summary/{scope}/{SERVED_MODE}/worse")) is not None:
+            entry[f"{SERVED_MODE}_worse"] = worse
         if entry:
             summary[scope] = entry
     if "estimator/accuracy" in metrics:

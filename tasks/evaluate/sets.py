@@ -2,7 +2,10 @@
 
 Sets come from the `evaluate` params section, one spec per set:
 
-    paired:     {name, group, task: [adapter, ...], path: FOLDER}        FOLDER/input/F, FOLDER/target/F
+    paired:     {name, group, task: [adapter, ...], path: FOLDER, first: N}   FOLDER/input/F, FOLDER/target/F
+                path may also be a paired-data mapping ({paths, holdout, group}, tasks/data/reader.py):
+                the set is then its held-out side, the pairs that training with the same mapping
+                leaves out. first: only the first N pairs by name.
     synthetic:  {name, group, task: [...], clean: val | samples | FOLDER,
                  degradations: [[name, severity], ...], seed, count, crop}
 
@@ -38,7 +41,7 @@ from tasks.core.params import params_hash
 log = logging.getLogger(__name__)
 
 GROUPS = ("known", "unseen", "mixed")
-MODE_CHOICES = ("input", "none", "adapters", "oh", "sw", "oracle")
+MODE_CHOICES = ("input", "baseline", "none", "adapters", "oh", "sw", "oracle")
 CACHE_FORMAT = "abair-evalset/1"
 SPEC_FILE = "spec.json"
 _SET_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -57,7 +60,8 @@ class SetSpec:
     name: str
     group: str
     task: tuple[str, ...]
-    path: str | None = None                                   # paired folder
+    path: str | None = None                                   # paired folder, or a paired-data mapping as JSON
+    first: int | None = None                                  # paired: only the first N pairs by name
     clean: str | None = None                                  # synthetic: val | samples | folder
     degradations: tuple[tuple[str, float], ...] = ()
     seed: int = 0
@@ -71,13 +75,17 @@ class SetSpec:
     def as_dict(self) -> dict:
         base = {"name": self.name, "group": self.group, "task": list(self.task), "kind": self.kind}
         if self.kind == "paired":
-            return {**base, "path": self.path}
+            return {**base, "path": self.path, **({"first": self.first} if self.first is not None else {})}
         return {**base, "clean": self.clean, "degradations": [[n, s] for n, s in self.degradations],
                 "seed": self.seed, "count": self.count, "crop": self.crop}
 
     def describe(self) -> str:
         if self.kind == "paired":
-            return f"paired `{self.path}`"
+            if self.path.startswith("{"):
+                spec = json.loads(self.path)
+                return (f"held-out {spec.get('holdout', 0):g} (by {spec.get('group', 'image')}) of "
+                        + ", ".join(f"`{p}`" for p in spec["paths"]))
+            return f"paired `{self.path}`" + (f", first {self.first}" if self.first is not None else "")
         chain = " + ".join(f"{n} {s:g}" for n, s in self.degradations)
         return f"{chain} on `{self.clean}`"
 
@@ -115,7 +123,18 @@ def _parse_set(raw, index: int, defaults: dict) -> SetSpec:
     if "path" in raw and "degradations" in raw:
         raise AbairError(where, "give either `path` (a paired folder) or `degradations` (a synthetic set), not both")
     if "path" in raw:
-        return SetSpec(name, group, tuple(task), path=str(raw["path"]))
+        first = raw.get("first")
+        if first is not None and (not isinstance(first, int) or first < 1):
+            raise AbairError(where, f"first must be a positive integer or null, got {first!r}")
+        path = raw["path"]
+        if isinstance(path, dict):
+            from tasks.data.reader import paired_spec
+
+            full = paired_spec(path, f"{where}.path")
+            if not full["holdout"]:
+                raise AbairError(f"{where}.path", "a paired-data mapping needs `holdout` > 0: the set is its held-out side")
+            path = json.dumps({k: full[k] for k in ("paths", "holdout", "group")}, sort_keys=True)
+        return SetSpec(name, group, tuple(task), path=str(path), first=first)
     merged = {**defaults, **raw}
     chain = _parse_chain(merged.get("degradations"), where)
     clean = merged.get("clean", "val")
@@ -303,16 +322,28 @@ def set_folder(spec: SetSpec, shards: str, cache: str | Path) -> str:
     return spec.path if spec.kind == "paired" else str(prepare_synthetic(spec, shards, cache))
 
 
+def paired_folder(spec: SetSpec, folder: str):
+    """The pairs a set scores: a folder's (its first N by name), or a mapping's held-out side."""
+    from tasks.data.reader import PairedFolder, open_paired
+
+    if spec.kind == "paired" and spec.path.startswith("{"):
+        paired = open_paired(json.loads(spec.path), "val", where=f"evaluate.sets.{spec.name}.path")
+    else:
+        paired = PairedFolder(folder, check=False)
+    if spec.first is not None:
+        paired.names = paired.names[:spec.first]
+    return paired
+
+
 # ------------------------------------------------------------------------------------------------
 # The suite's identity
 
 
 def set_identity(spec: SetSpec, shards: str) -> dict:
     """What a set's images are, without building them (for suite_fingerprint)."""
-    from tasks.data.reader import PairedFolder
-
     if spec.kind == "paired":
-        return {"spec": spec.as_dict(), "files": PairedFolder(spec.path, check=False).fingerprint}
+        paired = paired_folder(spec, spec.path)
+        return {"spec": spec.as_dict(), "files": paired.fingerprint, "names": paired.names}
     sources = clean_sources(spec, shards)
     # Sizes, not mtimes: a fresh checkout of the same files is the same suite.
     sizes = [[s.id, s.version if s.uri.startswith("samples:") else _file_size(s.uri)] for s in sources]
@@ -365,13 +396,11 @@ class LoadedSet:
 def load_set(spec: SetSpec, folder: str, multiple: int) -> LoadedSet:
     """Every pair of a folder, checked (missing partner, size mismatch, unreadable file: one
     AbairError naming the file) and centre-cropped to the evaluation grid."""
-    from tasks.data.reader import PairedFolder
-
-    paired = PairedFolder(folder, check=False)
+    paired = paired_folder(spec, folder)
     inputs, targets = [], []
     for name in paired.names:
         degraded, clean = paired.load(name)
-        where = storage.join(folder, "input", name)
+        where = storage.join(paired.root if isinstance(paired.root, str) else paired.root[0], "input", name)
         inputs.append(np.ascontiguousarray(centre_crop(degraded, multiple, where)))
         targets.append(np.ascontiguousarray(centre_crop(clean, multiple, where)))
     return LoadedSet(spec, folder, list(paired.names), inputs, targets)

@@ -5,8 +5,8 @@ the reports folder, each replaced atomically:
 
     metrics.json   every number: flat `<group>/<set>/<mode>/<metric>` keys plus per-group summaries,
                    the estimator's accuracy and the parameter counts (the registry's input)
-    summary.json   its short view, DVC's metrics: per group, the served mode's PSNR / SSIM and its
-                   gain over the input; the estimator's accuracy
+    summary.json   its short view, DVC's metrics: per group, the served mode's PSNR / SSIM, its
+                   gain over the input and its "made worse" share; the estimator's accuracy
     results.md     paper-like tables (tasks.evaluate.tables)
     plots/         radar, bars per group, estimator confusion, strips (tasks.evaluate.plots)
 """

@@ -8,11 +8,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tasks.core.metrics import PSNR_CAP
-from tasks.evaluate.run import SetResult, rounded
+from tasks.evaluate import baselines
+from tasks.evaluate.run import SERVED_MODE, WORSE_DB, SetResult, rounded
 from tasks.evaluate.sets import GROUPS, parse_sets
 
 GROUP_TITLES = {"known": "Known degradations", "unseen": "Unseen degradations", "mixed": "Mixed degradations"}
-MODE_LABELS = {"input": "Input", "none": "Backbone", "oh": "ABAIR (OH)", "sw": "ABAIR (SW)", "oracle": "Oracle"}
+MODE_LABELS = {"input": "Input", "baseline": "Baseline (classical)", "none": "Backbone", "oh": "ABAIR (OH)",
+               "sw": "ABAIR (SW)", "oracle": "Oracle"}
+# The modes of the "made worse" table: the served one and what a user would use instead.
+WORSE_MODES = (SERVED_MODE, "baseline")
 
 
 def mode_label(mode: str) -> str:
@@ -37,12 +41,13 @@ def ordered_sets(names: Iterable[str], set_order: Sequence[str]) -> list[str]:
 
 
 def ordered_modes(modes: Iterable[str], set_order: Sequence[str] = ()) -> list[str]:
-    """Input, Backbone, adapters (in the order of the sets they serve, then by name), OH, SW, Oracle."""
+    """Input, Baseline, Backbone, adapters (in the order of the sets they serve, then by name), OH,
+    SW, Oracle."""
     modes = set(modes)
     adapters = [m for m in modes if m.startswith("adapter_")]
     rank = {name: i for i, name in enumerate(set_order)}
     adapters.sort(key=lambda m: (rank.get(m[len("adapter_"):], len(rank)), m))
-    head = [m for m in ("input", "none") if m in modes]
+    head = [m for m in ("input", "baseline", "none") if m in modes]
     tail = [m for m in ("oh", "sw", "oracle") if m in modes]
     rest = sorted(modes - set(head) - set(tail) - set(adapters))
     return head + adapters + rest + tail
@@ -51,7 +56,7 @@ def ordered_modes(modes: Iterable[str], set_order: Sequence[str] = ()) -> list[s
 def method_params(metrics: dict, mode: str) -> int | None:
     """Parameters a method runs with (the paper's Params column)."""
     backbone = metrics.get("params/backbone")
-    if mode == "input" or backbone is None:
+    if mode in ("input", "baseline") or backbone is None:
         return None
     if mode == "none":
         return backbone
@@ -110,9 +115,10 @@ def group_table(metrics: dict, group: str, set_order: Sequence[str] = ()) -> tup
 
 
 def modes_table(metrics: dict) -> tuple[list[str], list[list[str]], list[dict]]:
-    """OH vs SW vs Oracle (and the backbone), averaged per group over the sets where all of them exist."""
+    """OH vs SW vs Oracle (and the classical baseline and the backbone), averaged per group over
+    the sets where all of them exist."""
     tree = metrics_tree(metrics)
-    compared = ["none", "oh", "sw", "oracle"]
+    compared = ["baseline", "none", "oh", "sw", "oracle"]
     header = ["Group", "Sets", *[mode_label(m) for m in compared]]
     rows, records = [], []
     for scope in (*GROUPS, "all"):
@@ -149,7 +155,42 @@ def paper_tables(metrics: dict, cfg: dict | None = None) -> dict[str, list[dict]
         if group in tree:
             tables[group] = group_table(metrics, group, order)[2]
     tables["modes"] = modes_table(metrics)[2]
+    worse = worse_table(metrics, order)[2]
+    if worse:
+        tables["worse"] = worse
     return tables
+
+
+def worse_table(metrics: dict, set_order: Sequence[str] = ()) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Per set, the share of images that the served mode and the baseline left more than
+    WORSE_DB below the input's PSNR (with the image counts), then the group and overall means
+    over the sets. No rows when neither mode has the figure."""
+    tree = metrics_tree(metrics)
+    modes = [m for m in WORSE_MODES if any(m in tree[g][s] and "worse" in tree[g][s][m] for g in tree for s in tree[g])]
+    header = ["Set", "Group", "Images", *[mode_label(m) for m in modes]]
+    rows, records = [], []
+    if not modes:
+        return header, rows, records
+
+    def cell(share: float | None, images: int | None) -> str:
+        if share is None:
+            return "-"
+        return f"{100 * share:.0f}%" + (f" ({round(share * images)}/{images})" if images else "")
+
+    for group in GROUPS:
+        for name in ordered_sets(tree.get(group, {}), set_order):
+            images = metrics.get(f"sets/{group}/{name}/images")
+            shares = {m: tree[group][name].get(m, {}).get("worse") for m in modes}
+            rows.append([f"`{name}`", group, str(images or "-"), *[cell(shares[m], images) for m in modes]])
+            records.append({"set": name, "group": group, "images": images, **{f"{m} worse": shares[m] for m in modes}})
+    for scope in (*GROUPS, "all"):
+        shares = {m: metrics.get(f"summary/{scope}/{m}/worse") for m in modes}
+        if all(v is None for v in shares.values()):
+            continue
+        rows.append([f"**mean ({scope})**", scope, "", *[cell(shares[m], None) for m in modes]])
+        records.append({"set": f"mean ({scope})", "group": scope, "images": None,
+                        **{f"{m} worse": shares[m] for m in modes}})
+    return header, rows, records
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,7 +211,9 @@ def _preamble(results: list[SetResult], info: dict) -> list[str]:
             f"on RGB in [0, 1] (torchmetrics, per image, then the set mean; PSNR capped at {PSNR_CAP:g} dB)"
             + ("; Y-channel (BT.601) figures in metrics.json" if info["protocol"]["y_channel"] else "")
             + ". Cells are PSNR/SSIM; **bold** is the best method short of the oracle. Params: parameters the "
-              "method runs with (backbone, + its adapter(s), + the estimator for OH/SW).", ""]
+              "method runs with (backbone, + its adapter(s), + the estimator for OH/SW). Baseline (classical): what a "
+              "user would reach for instead, chosen by the set's task (dark channel prior for haze, gamma + CLAHE for "
+              "low light, non-local means for noise; the input where none exists; tasks/evaluate/baselines.py).", ""]
 
 
 def _group_sections(metrics: dict, results: list[SetResult], tree: dict) -> list[str]:
@@ -191,8 +234,17 @@ def _group_sections(metrics: dict, results: list[SetResult], tree: dict) -> list
         table_no += 1
     header, rows, _ = modes_table(metrics)
     out += [f"## Table {table_no}: OH vs SW vs oracle", "",
-            "Means over the sets of each group where every listed mode ran (Sets: used/all).", "",
+            "Means over the sets of each group where every listed mode ran (Sets: used/all), next to the "
+            "classical baseline and the backbone alone.", "",
             _markdown(header, rows), ""]
+    table_no += 1
+    header, rows, _ = worse_table(metrics, order)
+    if rows:
+        out += [f"## Table {table_no}: made worse (>{WORSE_DB:g} dB)", "",
+                f"Share of each set's images whose PSNR is more than {WORSE_DB:g} dB below the degraded input's "
+                "(the design's \"never makes an image worse\", measured per image); means are over the sets. "
+                "Every mode's share is in metrics.json (`<group>/<set>/<mode>/worse`).", "",
+                _markdown(header, rows), ""]
     return out
 
 
@@ -202,9 +254,10 @@ def _sets_table(results: list[SetResult], table_no: int) -> list[str]:
         sizes = sorted(set(r.sizes))
         size_text = ", ".join(f"{w}x{h}" for h, w in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
         size_rows.append([f"`{r.spec.name}`", r.spec.group, r.spec.describe(), ", ".join(r.spec.task) or "-",
-                          str(r.images), size_text])
+                          baselines.describe(r.spec.task), str(r.images), size_text])
     return [f"## Table {table_no}: evaluation sets", "",
-            _markdown(["Set", "Group", "Images from", "Right adapter(s)", "Images", "Size (WxH)"], size_rows), ""]
+            _markdown(["Set", "Group", "Images from", "Right adapter(s)", "Classical baseline", "Images", "Size (WxH)"],
+                      size_rows), ""]
 
 
 def _estimator_section(confusion: dict | None) -> list[str]:
@@ -233,8 +286,8 @@ def _plot_links(results: list[SetResult], confusion: dict | None, tree: dict) ->
 
 def results_markdown(metrics: dict, results: list[SetResult], confusion: dict | None, info: dict) -> str:
     tree = metrics_tree(metrics)
-    # The group tables and the OH/SW/oracle table come first, numbered from 1.
-    sets_table_no = sum(group in tree for group in GROUPS) + 2
+    # The group tables, the OH/SW/oracle table and the "made worse" table come first, numbered from 1.
+    sets_table_no = sum(group in tree for group in GROUPS) + 2 + bool(worse_table(metrics)[1])
     out = _preamble(results, info) + _group_sections(metrics, results, tree) + _sets_table(results, sets_table_no)
     out += _estimator_section(confusion)
     out += ["## Parameters", "",

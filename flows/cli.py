@@ -75,7 +75,13 @@ def cmd_degrade(args) -> None:
 def cmd_preview(args) -> None:
     from tasks.data.preview import write_preview
 
-    sheet = write_preview(args.output, stage_params(args, "synthesize"), seed=args.seed)
+    real = {}
+    for item in args.real or ():
+        name, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise SystemExit(f"abair preview: --real wants NAME=FOLDER, got {item!r}")
+        real[name] = folder
+    sheet = write_preview(args.output, stage_params(args, "synthesize"), seed=args.seed, real=real)
     print(f"{args.output}: {sheet.shape[1]}x{sheet.shape[0]} contact sheet")
 
 
@@ -236,7 +242,9 @@ COMMANDS: tuple[Command, ...] = (
         arg("--seed", type=int, default=0))),
     Command("preview", "contact sheet of every degradation and composite samples", cmd_preview, params=True, args=(
         arg("output", nargs="?", default="preview.png"),
-        arg("--seed", type=int, default=0))),
+        arg("--seed", type=int, default=0),
+        arg("--real", nargs="*", metavar="NAME=FOLDER",
+            help="real pairs to show beside the model, e.g. noise=../shared/data/train/PolyU_part60"))),
     Command("manifest", "list the clean source images by content (data/source_manifest.json)", cmd_manifest,
             params=True, args=(
         arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)"),

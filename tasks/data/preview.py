@@ -1,5 +1,10 @@
 """`abair preview`: a contact sheet of every degradation at three severities, and composite
-samples next to their masks in colour (one colour per class, mixed where classes overlap)."""
+samples next to their masks in colour (one colour per class, mixed where classes overlap).
+
+With real pairs (`--real noise=FOLDER ...`): one row per pair set, a native-resolution crop of a
+real degraded image and of its target, then the synthetic model applied to that same target at
+three severities (with the synthesis options, e.g. both noise models): what the model must
+resemble, side by side with what it makes."""
 
 from __future__ import annotations
 
@@ -64,10 +69,39 @@ def contact_sheet(classes: list[str], severity: dict, composite_cfg: dict, tile:
     return np.concatenate(rows + comp_rows + [legend], 0)
 
 
-def write_preview(out: str, cfg: dict, seed: int = 0) -> np.ndarray:
+def real_rows(pairs: dict[str, str], options: dict, tile: int = 160, seed: int = 0) -> list[np.ndarray]:
+    """Per {degradation: paired folder}: [real input | its target | synthetic on that target x3]."""
+    import degradations
+    from tasks.data.reader import PairedFolder
+
+    rows = []
+    for name, folder in pairs.items():
+        module = degradations.get(name)
+        paired = PairedFolder(folder, check=False)
+        degraded, clean = paired.load(paired.names[0])
+        h, w = clean.shape[:2]
+        y0, x0 = max(h - tile, 0) // 2, max(w - tile, 0) // 2
+        crop = lambda image: np.ascontiguousarray(  # noqa: E731 - native resolution: noise stays visible
+            cv2.resize(image[y0:y0 + tile, x0:x0 + tile], (tile, tile), interpolation=cv2.INTER_NEAREST)
+            .astype(np.float32) / 255.0)
+        real, target = crop(degraded), crop(clean)
+        row = [_label(real, f"real {name}"), _label(target, "its target")]
+        for severity_value in SEVERITIES:
+            synthetic, _ = module.apply(target, np.random.default_rng(seed), severity_value, **options.get(name, {}))
+            row.append(_label(synthetic, f"synthetic s={severity_value:.2f}"))
+        rows.append(np.concatenate(row, 1))
+    return rows
+
+
+def write_preview(out: str, cfg: dict, seed: int = 0, real: dict[str, str] | None = None) -> np.ndarray:
     comp = cfg["composite"]
     composite_cfg = dict(regions=tuple(comp["regions"]), degradations_per_region=tuple(comp["degradations_per_region"]),
                          shape_fraction=comp["shape_fraction"], p_single=0.0, p_clean=0.0)
     sheet = contact_sheet(cfg["classes"], {k: tuple(v) for k, v in cfg["severity"].items()}, composite_cfg, seed=seed)
+    if real:
+        rows = real_rows(real, cfg.get("options") or {}, seed=seed)
+        width = max(sheet.shape[1], *(r.shape[1] for r in rows))
+        pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))  # noqa: E731
+        sheet = np.concatenate([pad(sheet), *(pad(r) for r in rows)], 0)
     imageio.write_image(out, sheet)
     return sheet

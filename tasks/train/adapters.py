@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Per-adapter knobs (overridable per degradation under `per_degradation`).
 JOB_KNOBS = ("steps", "batch", "patch", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "severity",
-             "loss", "seed", "data", "val_samples")
+             "loss", "seed", "data", "val_samples", "p_clean")
 BANK_KNOBS = ("kind", "rank", "alpha", "hidden", "targets")
 RUNTIME_KNOBS = ("device", "parallel", "workers", "log_every")
 
@@ -62,26 +62,40 @@ def synthetic_options(index: dict | None, name: str) -> dict:
     return dict(((index or {}).get("generator") or {}).get("options", {}).get(name, {}))
 
 
-class SyntheticPatch:
-    """Clean shard crop -> random patch -> one degradation at a random severity."""
+def grey(image: np.ndarray) -> np.ndarray:
+    """A grey copy of a float RGB image (three equal channels, BT.601 luma)."""
+    return np.repeat(image @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(image.shape)
 
-    def __init__(self, name: str, patch: int, severity: tuple[float, float], options: dict | None = None):
+
+class SyntheticPatch:
+    """Clean shard crop -> random patch -> one degradation at a random severity; or, with
+    probability `p_clean`, the clean patch (half of them grey) as both input and target."""
+
+    def __init__(self, name: str, patch: int, severity: tuple[float, float], options: dict | None = None,
+                 p_clean: float = 0.0):
         degradations.get(name)  # an unknown name fails here, not in a data worker
-        self.name, self.patch, self.severity, self.options = name, patch, severity, options or {}
+        self.name, self.patch, self.severity, self.options, self.p_clean = name, patch, severity, options or {}, p_clean
 
     def __call__(self, sample: dict, rng: np.random.Generator):
         (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
+        if self.p_clean and rng.random() < self.p_clean:
+            clean = grey(clean) if rng.random() < 0.5 else clean
+            return reader.to_tensor(clean), reader.to_tensor(clean)
         degraded, _ = composite.draw(clean, rng, self.name, self.severity, self.options)
         return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
 class PairedPatch:
-    def __init__(self, patch: int):
-        self.patch = patch
+    """A random patch of a pair; or, with probability `p_clean`, its target as input and target."""
+
+    def __init__(self, patch: int, p_clean: float = 0.0):
+        self.patch, self.p_clean = patch, p_clean
 
     def __call__(self, sample: dict, rng: np.random.Generator):
         degraded, clean = reader.random_patch([sample["degraded"], sample["clean"]], self.patch, rng)
+        if self.p_clean and rng.random() < self.p_clean:
+            degraded = clean
         return reader.to_tensor(degraded), reader.to_tensor(clean)
 
 
@@ -229,12 +243,13 @@ def train_loader(job: dict, name: str, shards: str, data: TrainingData) -> reade
     (a share of each)."""
     streams, shares = [], []
     if data.folder is not None:
-        streams.append(reader.PairedStream(data.folder, PairedPatch(job["patch"]), seed=job["seed"]))
+        streams.append(reader.PairedStream(data.folder, PairedPatch(job["patch"], job.get("p_clean", 0.0)), seed=job["seed"]))
         shares.append(data.share)
     if data.index is not None:
         streams.append(reader.ShardStream(reader.shard_urls(shards, "train", data.index),
                                           SyntheticPatch(name, job["patch"], tuple(job["severity"]),
-                                                         synthetic_options(data.index, name)), seed=job["seed"]))
+                                                         synthetic_options(data.index, name), job.get("p_clean", 0.0)),
+                                          seed=job["seed"]))
         shares.append(1.0 - data.share if data.folder is not None else 1.0)
     stream = streams[0] if len(streams) == 1 else reader.MixedStream(streams, shares, seed=job["seed"])
     return reader.SegmentedLoader(stream, job["batch"], segment_steps=max(job["steps"], 1), workers=job.get("workers", 0))

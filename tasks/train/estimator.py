@@ -8,14 +8,15 @@ blended restoration loss, backbone and adapters frozen.
 Do no harm (`do_no_harm`, ../shared/DESIGN.md "Modes"): the targets get a `base` column (the
 backbone alone): all of it for clean and barely degraded samples (`p_clean`), and the clean share
 of a composite sample's pixels. Then a last step (`keep_steps`) trains the keep head alone, with
-everything else frozen, on the loss of what is served: the squared error of
-`keep * input + (1 - keep) * restored`, where `restored` is the system's SW output for the sample.
-The optimal keep is high exactly where the restoration hurts (a clean photo, an adapter applied
-where it does not belong) and near zero where it helps, so the head learns to recognise both.
+everything else frozen, towards each sample's best keep (`optimal_keep`): the blend
+`keep * input + (1 - keep) * restored` closest to the target, where `restored` is the system's SW
+output. It is high exactly where the restoration hurts (a clean photo, an adapter applied where it
+does not belong, a degradation no adapter knows: `keep_extra`) and near zero where it helps.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -69,9 +70,14 @@ class EstimatorSample:
     on `base`; composite samples put their clean pixels' share there."""
 
     def __init__(self, sources: list[dict], shard_classes: list[str], p_single: float, crop: int,
-                 base: bool = False, p_clean: float = 0.0, faint: float = 0.1, options: dict | None = None):
+                 base: bool = False, p_clean: float = 0.0, faint: float = 0.1, options: dict | None = None,
+                 p_gray: float = 0.0, extra: tuple[str, ...] = (), p_extra: float = 0.0):
         self.sources, self.p_single, self.crop = sources, p_single, crop
         self.options = options or {}
+        # p_gray: synthetic samples drawn from a grey copy of the crop (grey photos are not haze);
+        # extra: degradations no adapter handles (JPEG, ...), drawn in the keep step only, where
+        # what matters is whether the network helps, not which adapter is right
+        self.p_gray, self.extra, self.p_extra = p_gray, tuple(extra), p_extra
         self.base, self.p_clean, self.faint = base, p_clean, faint
         self.names = [s["name"] for s in sources]
         # bit i of the shard mask -> adapter column (or -1 when no adapter handles that class)
@@ -90,10 +96,22 @@ class EstimatorSample:
         degraded, clean = reader.random_patch(list(self._pairs[key]), self.crop, rng)
         return degraded.astype(np.float32) / 255.0, clean.astype(np.float32) / 255.0
 
+    def _clean(self, sample: dict, rng: np.random.Generator) -> np.ndarray:
+        clean = sample["clean"].astype(np.float32) / 255.0
+        if self.p_gray and rng.random() < self.p_gray:
+            clean = np.repeat(clean @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(clean.shape)
+        return clean
+
     def __call__(self, sample: dict, rng: np.random.Generator):
         target = np.zeros(len(self.names) + int(self.base), np.float32)
+        if self.extra and rng.random() < self.p_extra:
+            clean = self._clean(sample, rng)
+            name = self.extra[int(rng.integers(0, len(self.extra)))]
+            degraded, _ = composite.draw(clean, rng, name, (0.2, 1.0))
+            target[-1] = 1.0
+            return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
         if self.base and rng.random() < self.p_clean:
-            clean = sample["clean"].astype(np.float32) / 255.0
+            clean = self._clean(sample, rng)
             degraded = clean
             if rng.random() < 0.5:
                 name = self.names[int(rng.integers(0, len(self.names)))]
@@ -106,7 +124,7 @@ class EstimatorSample:
             if source["data"] and (source["share"] >= 1.0 or rng.random() < source["share"]):
                 degraded, clean = self._paired(source, rng)
             else:
-                clean = sample["clean"].astype(np.float32) / 255.0
+                clean = self._clean(sample, rng)
                 degraded, _ = composite.draw(clean, rng, source["name"], tuple(source["severity"]),
                                              self.options.get(source["name"]))
             target[k] = 1.0
@@ -201,7 +219,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                                 EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"],
                                                 base=do_no_harm, p_clean=cfg.get("p_clean", 0.0),
                                                 faint=cfg.get("faint_severity", 0.1),
-                                                options=(index.get("generator") or {}).get("options")),
+                                                options=(index.get("generator") or {}).get("options"),
+                                                p_gray=cfg.get("p_gray", 0.0)),
                                 seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
     loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
 
@@ -221,7 +240,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
             summary["sw_final_loss"] = tune_blend(estimator, names, files, stream, cfg, backbone_path, device,
                                                   sw_log, progress)
         if do_no_harm and int(cfg.get("keep_steps", 0)) > 0:
-            keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep"], run)
+            keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep", "keep_target"], run)
             summary["keep_final_loss"] = tune_keep(estimator, names, files, stream, cfg, backbone_path, device,
                                                    keep_log, progress)
 
@@ -310,6 +329,10 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     for p in head:
         p.requires_grad_(True)
     keep_cfg = {**cfg, "lr": cfg.get("keep_lr", cfg["lr"]), "warmup_steps": 0, "steps": keep_steps, "grad_clip": 0}
+    stream = copy.copy(stream)
+    stream.transform = copy.copy(stream.transform)
+    stream.transform.extra = tuple(cfg.get("keep_extra") or ())
+    stream.transform.p_extra = float(cfg.get("p_keep_extra", 0.0))
     loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=keep_steps, workers=cfg.get("workers", 0))
     stream.seed = cfg["seed"] + 2
     losses = loop.fit(loop.Training(head, keep_cfg, device),
@@ -324,8 +347,12 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
 
 def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
               device: torch.device):
-    """The loop's loss for the keep step: mean squared error of the served blend. The restoration
-    runs without gradients on the central `crop` pixels (the keep is one number per image)."""
+    """The loop's loss for the keep step. For each sample the best keep has a closed form: with
+    restored y, input x and target t, the k minimising ||k x + (1 - k) y - t||^2 is
+    k* = <t - y, x - y> / ||x - y||^2, clipped to [0, 1] (1 where y = x: nothing to gain). The
+    head regresses k* (binary cross-entropy on its logit). Unlike the served blend's error, this
+    weighs every image alike: a clean photo the network spoils slightly counts as much as a
+    heavily degraded one it repairs. The restoration runs without gradients on the central `crop`."""
     columns = [bank.names.index(n) for n in names]
 
     def loss_fn(batch):
@@ -342,11 +369,21 @@ def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, c
             bank_weights[:, columns] = weights[:, :len(names)]
             with bank.weights(bank_weights):
                 restored = backbone(degraded_c).float().clamp(0, 1)
-        keep = torch.sigmoid(estimator.keep_head(estimator.features(degraded)).float()).view(-1, 1, 1, 1)
-        served = torch.lerp(restored, degraded_c.float(), keep)
-        return F.mse_loss(served, clean_c.float()), {"keep": float(keep.mean())}
+            best = optimal_keep(degraded_c.float(), restored, clean_c.float())
+        logit = estimator.keep_head(estimator.features(degraded)).float()[:, 0]
+        return F.binary_cross_entropy_with_logits(logit, best), {"keep": float(torch.sigmoid(logit.detach()).mean()),
+                                                                 "keep_target": float(best.mean())}
 
     return loss_fn
+
+
+def optimal_keep(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """B: the k in [0, 1] minimising ||k * degraded + (1 - k) * restored - clean||^2 per image."""
+    change = (degraded - restored).flatten(1)
+    gap = (clean - restored).flatten(1)
+    energy = change.pow(2).sum(1)
+    best = (gap * change).sum(1) / energy.clamp_min(1e-12)
+    return torch.where(energy > 1e-10 * change.shape[1], best.clamp(0.0, 1.0), torch.ones_like(best))
 
 
 def blended_loss(estimator, backbone, bank, names: list[str], temperature: float, device: torch.device):

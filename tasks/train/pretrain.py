@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Knobs that change how the run executes, not what it learns.
 RUNTIME_KNOBS = ("workers", "device", "log_every", "compile", "val_every")
+VAL_CURVE_SAMPLES = 64
 
 
 class PretrainSample:
@@ -156,10 +157,19 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
     steplog = StepLog(Path(reports) / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
                       resume_step=training.step) if dist.main else None
     model.train()
+    curve = LearningCurve(Path(reports) / "pretrain_val.tsv", int(cfg.get("val_every") or 0), training.step) \
+        if dist.main and index["splits"]["val"]["samples"] else None
     with run if run is not None else contextlib.nullcontext():
-        loop.fit(training, batch_loss(train_model, cfg, device), loader.batches(training.step, total_steps), cfg,
-                 total_steps, device, steplog=steplog, desc="pretrain", progress=progress, checkpoints=checkpoints,
-                 dist=dist, keep_bar=True)
+        # in chunks of val_every steps (one chunk when off): the learning curve is measured between them
+        for end in chunk_ends(training.step, total_steps, curve.every if curve else 0):
+            loop.fit(training, batch_loss(train_model, cfg, device), loader.batches(training.step, end), cfg,
+                     total_steps, device, steplog=steplog, desc="pretrain", progress=progress, checkpoints=checkpoints,
+                     dist=dist, keep_bar=True)
+            if training.stopped:
+                break
+            if curve is not None and end < total_steps:
+                curve.measure(model, training.ema, shards, index, device, training.step)
+                model.train()
         if training.stopped:
             result = stopped(training, run)
         else:
@@ -170,11 +180,69 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
                 result.update(val)
                 metadata = {"classes": index["classes"], "inputs_hash": inputs_hash, "shards_hash": index["params_hash"],
                             "steps": total_steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
+                if curve is not None:
+                    curve.add(total_steps, val)
                 save_outputs(backbone, metadata, result, examples, Path(out), Path(reports), steplog, run,
-                             f"Phase I ({cfg['model']['size']}, {total_steps} steps)")
+                             f"Phase I ({cfg['model']['size']}, {total_steps} steps)", curve)
                 checkpoints.path.unlink(missing_ok=True)
     loop.close_distributed()
     return result
+
+
+def chunk_ends(start: int, total: int, every: int) -> list[int]:
+    """Where each training chunk ends: every `every` steps after `start` (a multiple of it), then total."""
+    if every <= 0:
+        return [total]
+    return [*range((start // every + 1) * every, total, every), total]
+
+
+class LearningCurve:
+    """Validation gain against Phase I steps (`val_every`): the EMA weights on the validation
+    split's first VAL_CURVE_SAMPLES degraded samples, one row per measurement in a TSV, plotted
+    with the loss curves. It shows whether a schedule stopped while still improving."""
+
+    def __init__(self, path: Path, every: int, start_step: int):
+        self.path, self.every = path, every
+        self.rows: list[dict] = []
+        if start_step > 0 and path.is_file():  # resuming: keep what the interrupted run measured
+            lines = path.read_text().splitlines()[1:]
+            self.rows = [dict(zip(("step", "psnr_input", "psnr_restored", "gain"), map(float, l.split("\t"))))
+                         for l in lines if int(float(l.split("\t")[0])) <= start_step]
+        elif path.exists():
+            path.unlink()
+
+    def measure(self, model, ema, shards: str, index: dict, device, step: int) -> None:
+        ema_model = copy.deepcopy(model)
+        ema.copy_to(ema_model)
+        val = validate(ema_model, reader.shard_urls(shards, "val", index), device, max_samples=VAL_CURVE_SAMPLES)
+        self.add(step, val)
+        log.info("pretrain: step %d, val gain %+.2f dB (%d samples)", step, val["val_psnr_gain"], val["val_samples"])
+
+    def add(self, step: int, val: dict) -> None:
+        self.rows.append({"step": float(step), "psnr_input": val["val_psnr_input"],
+                          "psnr_restored": val["val_psnr_restored"], "gain": val["val_psnr_gain"]})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("step\tpsnr_input\tpsnr_restored\tgain\n" + "".join(
+                f"{int(r['step'])}\t{r['psnr_input']:.4f}\t{r['psnr_restored']:.4f}\t{r['gain']:.4f}\n" for r in self.rows))
+
+    def plot(self, out: Path, title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in self.rows], [r["gain"] for r in self.rows], marker="o")
+        ax.set_xlabel("Phase I step")
+        ax.set_ylabel("validation gain over the input (dB)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        return out
 
 
 def build_model(cfg: dict, n_classes: int, device: torch.device) -> torch.nn.Module:
@@ -251,7 +319,7 @@ def validate_ema(model: torch.nn.Module, ema: loop.EMA, shards: str, index: dict
 
 
 def save_outputs(backbone: torch.nn.Module, metadata: dict, summary: dict, examples: list, out: Path, reports: Path,
-                 steplog: StepLog, run, title: str) -> None:
+                 steplog: StepLog, run, title: str, curve: LearningCurve | None = None) -> None:
     """The backbone file, pretrain.json, curves and samples, and all of it in the MLflow run."""
     from models.identity import save_backbone
 
@@ -263,6 +331,8 @@ def save_outputs(backbone: torch.nn.Module, metadata: dict, summary: dict, examp
         tmp.write_text(json.dumps(metrics, indent=2))
     curves = plot_curves(steplog.read(), ["loss", "restore", "seg", "lr"], reports / "pretrain_curves.png", title)
     artifacts = [curves, out]
+    if curve is not None:
+        artifacts += [curve.path, curve.plot(reports / "pretrain_gain.png", f"{title}: learning curve")]
     if examples:
         artifacts.append(sample_grid(examples, reports / "pretrain_samples.png", ["degraded", "restored", "clean"]))
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, steps)

@@ -1,0 +1,230 @@
+"""Real pairs and fresh degradations in training: paired-data specs with held-out splits, the
+real/synthetic mix, Phase I's redraw and learning curve, and the do-no-harm targets and keep step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.core.errors import AbairError
+from tasks.data import reader
+from tests.conftest import write_png
+from tests.test_training import trained_backbone  # noqa: F401  (a fixture)
+
+
+def pair_folder(root: Path, names: list[str], size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for name in names:
+        clean = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        write_png(root / "target" / name, clean)
+        write_png(root / "input" / name, (clean // 3).astype(np.uint8))
+    return root
+
+
+SCENES = [f"cam_ISO800_{scene}_{shot}.png" for scene in ("flower", "door", "desk", "book", "wall", "car") for shot in (1, 2, 3)]
+
+
+def test_held_out_split_is_disjoint_stable_and_keeps_scenes_together(tmp_path):
+    folder = pair_folder(tmp_path / "pairs", SCENES)
+    spec = {"paths": [str(folder)], "holdout": 0.4, "group": "scene"}
+    train, val = reader.open_paired(spec, "train"), reader.open_paired(spec, "val")
+    assert set(train.names).isdisjoint(val.names) and sorted(train.names + val.names) == sorted(SCENES)
+    scene = lambda n: n.rsplit("_", 1)[0]  # noqa: E731
+    assert {scene(n) for n in train.names}.isdisjoint({scene(n) for n in val.names})
+    # adding pairs never moves an existing one across the split
+    pair_folder(folder, ["cam_ISO800_new_1.png", "cam_ISO800_new_2.png"])
+    assert set(val.names) <= set(reader.open_paired(spec, "val").names)
+    assert set(train.names) <= set(reader.open_paired(spec, "train").names)
+    # by image: shots of one scene may land on both sides, but each name is on one side only
+    by_image = {**spec, "group": "image"}
+    assert set(reader.open_paired(by_image, "val").names).isdisjoint(reader.open_paired(by_image, "train").names)
+
+
+def test_several_folders_and_the_short_form(tmp_path):
+    a = pair_folder(tmp_path / "a", ["1.png", "2.png"])
+    b = pair_folder(tmp_path / "b", ["1.png", "3.png"])
+    both = reader.open_paired({"paths": [str(a), str(b)], "holdout": 0.0}, "all")
+    assert both.names == ["0/1.png", "0/2.png", "1/1.png", "1/3.png"]
+    degraded, clean = both.load("1/3.png")
+    assert degraded.shape == clean.shape == (40, 40, 3)
+    # the short form (a folder): every 10th pair by name is held out, as before
+    c = pair_folder(tmp_path / "c", [f"{i:02d}.png" for i in range(20)], size=16)
+    assert reader.open_paired(str(c), "val").names == ["00.png", "10.png"]
+    assert len(reader.open_paired(str(c), "train")) == 18
+    with pytest.raises(AbairError, match="unknown keys"):
+        reader.paired_spec({"paths": [str(a)], "holdot": 0.2})
+    with pytest.raises(AbairError, match="group in"):
+        reader.paired_spec({"paths": [str(a)], "group": "camera"})
+    with pytest.raises(AbairError, match="no pairs in the 'val' split"):
+        reader.open_paired({"paths": [str(a)], "holdout": 0.0}, "val")
+
+
+class Counting(torch.utils.data.IterableDataset):
+    def __init__(self, value: int):
+        super().__init__()
+        self.value, self.segment = value, 0
+
+    def __iter__(self):
+        while True:
+            yield self.value
+
+
+def test_mixed_stream_draws_each_stream_by_its_share():
+    stream = reader.MixedStream([Counting(0), Counting(1)], [0.25, 0.75], seed=3)
+    items = [x for x, _ in zip(stream, range(4000))]
+    assert abs(np.mean(items) - 0.75) < 0.03
+    again = reader.MixedStream([Counting(0), Counting(1)], [0.25, 0.75], seed=3)
+    assert [x for x, _ in zip(again, range(200))] == items[:200]
+
+
+def test_adapter_trains_on_real_pairs_and_synthetic(tmp_path, tiny_shards, train_params, trained_backbone):
+    from models.adapters import read_adapter_metadata
+    from tasks.train.adapters import train_adapter
+    from tasks.train.estimator import adapter_sources
+
+    folder = pair_folder(tmp_path / "pairs", SCENES, size=48)
+    spec = {"paths": [str(folder)], "holdout": 0.4, "group": "scene", "share": 0.5}
+    cfg = {**train_params["adapters"], "data": {"noise": spec}}
+    result = train_adapter(cfg, "noise", backbone_path=str(trained_backbone), shards=str(tiny_shards),
+                           out_dir=str(tmp_path / "adapters"), reports=str(tmp_path / "reports"), progress=False)
+    assert not result["skipped"] and len(result["losses"]) == cfg["steps"]
+    meta = read_adapter_metadata(tmp_path / "adapters" / "noise.safetensors")
+    assert json.loads(meta["data"]) == spec
+    (source,) = adapter_sources([tmp_path / "adapters" / "noise.safetensors"])
+    assert source["data"] == spec and source["share"] == 0.5
+
+
+def test_redraw_gives_fresh_degradations_of_the_same_clean_crop(tiny_shards):
+    from tasks.train.pretrain import PretrainSample
+
+    index = reader.load_index(str(tiny_shards))
+    assert index["generator"]["classes"] == index["classes"]
+    sample = next(iter(reader.read_split(reader.shard_urls(str(tiny_shards), "train", index))))
+    transform = PretrainSample(32, len(index["classes"]), index["generator"])
+    draws = [transform.redraw(sample["clean"], np.random.default_rng(seed)) for seed in range(6)]
+    assert len({d.tobytes() for d, _ in draws}) == 6  # a new degradation each time
+    for degraded, mask in draws:
+        assert degraded.dtype == np.uint8 and degraded.shape == sample["clean"].shape
+        untouched = mask == 0
+        assert np.array_equal(degraded[untouched], sample["clean"][untouched])  # the mask says where
+    assert any(mask.any() for _, mask in draws)
+    # the same rng state gives the same bytes (runs stay reproducible)
+    a, _ = transform.redraw(sample["clean"], np.random.default_rng(11))
+    b, _ = transform.redraw(sample["clean"], np.random.default_rng(11))
+    assert np.array_equal(a, b)
+
+
+def test_pretrain_learning_curve(tmp_path, tiny_shards, train_params):
+    from tasks.train.pretrain import chunk_ends, pretrain
+
+    assert chunk_ends(0, 12, 4) == [4, 8, 12] and chunk_ends(5, 12, 4) == [8, 12] and chunk_ends(0, 12, 0) == [12]
+    cfg = {**train_params["pretrain"], "val_every": 4, "redraw": True}
+    pretrain(cfg, shards=str(tiny_shards), out=str(tmp_path / "b.safetensors"), state_path=str(tmp_path / "s.pt"),
+             reports=str(tmp_path / "reports"), progress=False)
+    rows = (tmp_path / "reports" / "pretrain_val.tsv").read_text().splitlines()
+    assert rows[0] == "step\tpsnr_input\tpsnr_restored\tgain"
+    steps = [int(r.split("\t")[0]) for r in rows[1:]]
+    assert steps == [4, 8, 12]
+    final = json.loads((tmp_path / "reports" / "pretrain.json").read_text())
+    assert abs(float(rows[-1].split("\t")[3]) - final["val_psnr_gain"]) < 1e-3  # the last point is the saved model's
+    assert (tmp_path / "reports" / "pretrain_gain.png").stat().st_size > 1000
+
+
+def test_estimator_targets_put_clean_samples_on_base(tiny_shards):
+    from tasks.train.estimator import EstimatorSample
+
+    index = reader.load_index(str(tiny_shards))
+    sources = [{"name": n, "data": None, "share": 1.0, "severity": [0.5, 1.0], "sha256": ""} for n in ("noise", "haze")]
+    samples = list(zip(reader.read_split(reader.shard_urls(str(tiny_shards), "train", index)), range(12)))
+    clean_only = EstimatorSample(sources, index["classes"], 0.5, 48, base=True, p_clean=1.0, faint=0.05)
+    for sample, i in samples:
+        degraded, clean, target = clean_only(sample, np.random.default_rng(i))
+        assert target.tolist() == [0.0, 0.0, 1.0]
+        assert float((degraded - clean).abs().mean()) < 0.03  # clean, or barely degraded
+    composite = EstimatorSample(sources, index["classes"], 0.0, 48, base=True, p_clean=0.0)
+    for sample, i in samples:
+        item = composite(sample, np.random.default_rng(i))
+        if item is None:
+            continue
+        target = item[2]
+        mask = sample["mask"]
+        handled = [index["classes"].index(n) for n in ("noise", "haze")]
+        touched = np.zeros(mask.shape, bool)
+        for bit in handled:
+            touched |= ((mask >> bit) & 1).astype(bool)
+        raw_base = float((~touched).mean())
+        raw = [float(((mask >> b) & 1).mean()) for b in handled] + [raw_base]
+        assert np.allclose(target.numpy(), np.array(raw) / sum(raw), atol=1e-6)
+
+
+def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
+    """A network that ruins its input (random weights), clean samples: the keep step drives keep
+    towards 1 so the served output is the input; the rest of the estimator stays as it was."""
+    from models.adapters import AdapterBank
+    from models.backbone import build_backbone
+    from models.estimator import Estimator
+    from tasks.train import loop
+    from tasks.train.estimator import keep_loss
+
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny").eval()
+    bank = AdapterBank(backbone, "lora")
+    bank.add("noise")
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    estimator = Estimator(1, width=8, crops=1, crop_size=32, view_size=32, do_no_harm=True, class_names=["noise"])
+    before = {k: v.clone() for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
+    clean = torch.rand(4, 3, 32, 32)
+    with torch.no_grad(), bank.weights(None):
+        assert float((backbone(clean).clamp(0, 1) - clean).abs().mean()) > 0.05  # it does spoil it
+    for p in estimator.parameters():
+        p.requires_grad_(False)
+    head = list(estimator.keep_head.parameters())
+    for p in head:
+        p.requires_grad_(True)
+    cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 60}
+    batches = ((step, (clean, clean, torch.zeros(4, 2))) for step in range(60))
+    loop.fit(loop.Training(head, cfg, torch.device("cpu")), keep_loss(estimator, backbone, bank, ["noise"], 1.0, None,
+             torch.device("cpu")), batches, cfg, 60, torch.device("cpu"), progress=False)
+    keep = estimator.eval().weights(clean)[:, -1]
+    assert float(keep.min()) > 0.9, keep
+    after = {k: v for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluation_set_of_held_out_pairs_and_first_n(tmp_path):
+    """A paired set may be a mapping's held-out side (exactly the pairs training leaves out) or
+    the first N pairs of a folder."""
+    from tasks.evaluate.sets import load_set, parse_sets, set_folder
+
+    folder = pair_folder(tmp_path / "pairs", SCENES, size=32)
+    mapping = {"paths": [str(folder)], "holdout": 0.4, "group": "scene"}
+    specs = parse_sets({"sets": [
+        {"name": "held", "group": "known", "task": ["noise"], "path": mapping},
+        {"name": "firsts", "group": "known", "task": ["noise"], "path": str(folder), "first": 4}]})
+    held = load_set(specs[0], set_folder(specs[0], "", tmp_path / "cache"), 16)
+    assert sorted(held.names) == reader.open_paired(mapping, "val").names
+    assert set(held.names).isdisjoint(reader.open_paired({**mapping, "share": 0.5}, "train").names)
+    assert "held-out 0.4 (by scene)" in specs[0].describe()
+    firsts = load_set(specs[1], set_folder(specs[1], "", tmp_path / "cache"), 16)
+    assert firsts.names == sorted(SCENES)[:4]
+    with pytest.raises(AbairError, match="needs `holdout` > 0"):
+        parse_sets({"sets": [{"name": "x", "group": "known", "path": {"paths": [str(folder)]}}]})
+    with pytest.raises(AbairError, match="first must be a positive integer"):
+        parse_sets({"sets": [{"name": "x", "group": "known", "path": str(folder), "first": 0}]})
+
+
+def test_preview_puts_real_pairs_beside_the_model(tmp_path, project_params):
+    from tasks.data.preview import write_preview
+
+    folder = pair_folder(tmp_path / "pairs", ["a.png"], size=200)
+    plain = write_preview(str(tmp_path / "plain.png"), project_params["synthesize"])
+    sheet = write_preview(str(tmp_path / "sheet.png"), project_params["synthesize"], real={"noise": str(folder)})
+    assert sheet.shape[0] == plain.shape[0] + 160 and (tmp_path / "sheet.png").stat().st_size > 0
+    row = sheet[plain.shape[0]:]
+    real_tile, synthetic = row[20:, :160].astype(float), row[20:, 2 * 160:3 * 160].astype(float)
+    assert real_tile.std() > 0 and not np.array_equal(real_tile, synthetic)

@@ -8,10 +8,13 @@ K logits. Input brightness is kept (no normalisation layers), since low light is
 
 Do no harm (../shared/DESIGN.md, "Modes"): with `do_no_harm`, two more outputs. A `base` logit
 joins the K adapter logits in the softmax, so the adapter weights sum to less than one (the rest is
-the backbone alone); a clean or barely degraded image gets its weight on `base`. A separate keep
-head (a small MLP on the pooled features) gives `keep` in [0, 1], the share of the input blended
-back into the output: `out = keep * input + (1 - keep) * network(input)`. Estimators saved before
-this existed load with neither (keep 0, adapter weights summing to one), as they were trained.
+the backbone alone); a clean or barely degraded image gets its weight on `base`. A keep head gives
+`keep` in [0, 1], the share of the input blended back into the output:
+`out = keep * input + (1 - keep) * network(input)`. It looks at the input *and* at what the network
+made of it (a small MLP on the pooled features of both): whether a restoration helps shows in the
+change it makes (a naturally soft photo sharpened into halos, a dim one brightened), which the
+input alone cannot say. Estimators saved before this existed load with neither (keep 0, adapter
+weights summing to one), as they were trained.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class Estimator(nn.Module):
         self.classifier = nn.Linear(8 * width, num_outputs)
         # do no harm: the backbone-alone logit, and keep from the pooled features
         self.base = nn.Linear(8 * width, 1) if do_no_harm else None
-        self.keep_head = nn.Sequential(nn.Linear(features, 4 * width), nn.GELU(), nn.Linear(4 * width, 1)) \
+        self.keep_head = nn.Sequential(nn.Linear(2 * features, 4 * width), nn.GELU(), nn.Linear(4 * width, 1)) \
             if do_no_harm else None
         # He initialisation: with PyTorch's default (fan-in uniform, a=sqrt(5)) the activations
         # shrink ~4x per layer without normalisation layers, and the pooled features start at
@@ -142,25 +145,33 @@ class Estimator(nn.Module):
         """B x 3 x H x W in [0, 1] -> B x K adapter logits."""
         return self.classifier(self.head(self.features(x)))
 
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B x (K+1) logits: the K adapters then `base`, or B x K without do-no-harm;
-        B x 1 keep logit, or None). One pass of the trunks for both."""
-        feats = self.features(x)
-        hidden = self.head(feats)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """B x (K+1) logits: the K adapters then `base` (B x K without do-no-harm)."""
+        hidden = self.head(self.features(x))
         logits = self.classifier(hidden)
-        if self.base is None:
-            return logits, None
-        return torch.cat([logits, self.base(hidden)], dim=1), self.keep_head(feats)
+        return logits if self.base is None else torch.cat([logits, self.base(hidden)], dim=1)
 
-    def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
+    def keep_logit(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """B x 1: the keep logit for inputs `x` and the network's outputs `restored` for them."""
+        return self.keep_head(torch.cat([self.features(x), self.features(restored)], dim=1))
+
+    def keep(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """B x 1 keep in [0, 1] (0 for an estimator without do-no-harm)."""
+        if self.keep_head is None:
+            return x.new_zeros(x.shape[0], 1, dtype=torch.float32)
+        return torch.sigmoid(self.keep_logit(x, restored).float())
+
+    def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0,
+                restored: torch.Tensor | None = None) -> torch.Tensor:
         """B x (K+1): K adapter weights then `keep` (the modes contract of ../shared/DESIGN.md).
 
         "sw": softmax(logits / T) over the adapters and `base`, the adapter part (summing to at most
-        one); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep is
-        sigmoid of its logit in both; 0 for an estimator without do-no-harm."""
+        one); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep
+        needs what the network made of `x` with these weights (`restored`); without it, or without
+        do-no-harm, the keep column is 0 (the Restorer fills it in after the network has run)."""
         if mode not in MODES:
             raise ValueError(f"estimator mode must be one of {MODES}, got {mode!r}")
-        logits, keep_logit = self.outputs(x)
+        logits = self.logits(x)
         k = self.num_outputs
         if mode == "oh":
             adapters = F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()[:, :k]
@@ -168,7 +179,7 @@ class Estimator(nn.Module):
             if temperature <= 0:
                 raise ValueError("temperature must be > 0")
             adapters = torch.softmax(logits.float() / temperature, dim=1)[:, :k]
-        keep = torch.sigmoid(keep_logit.float()) if keep_logit is not None else adapters.new_zeros(adapters.shape[0], 1)
+        keep = self.keep(x, restored) if restored is not None else adapters.new_zeros(adapters.shape[0], 1)
         return torch.cat([adapters, keep], dim=1)
 
     @torch.no_grad()

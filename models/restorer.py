@@ -7,7 +7,9 @@ Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator
 "oh" (estimator one-hot). Weights follow the modes contract (../shared/DESIGN.md): K adapter
 weights (summing to at most one; the rest is the backbone alone) and one `keep` in [0, 1] that
 blends the network's output back towards the input, `out = keep * input + (1 - keep) * network`,
-so the system can leave an image as it came (do no harm). Callers may pass K weights (keep 0). With a mergeable adapter kind (LoRA) and the same weights for every
+so the system can leave an image as it came (do no harm). In the estimator's modes keep comes from
+the estimator once the network has run (it looks at the input and the output); callers passing
+weights give keep themselves (K columns: keep 0). With a mergeable adapter kind (LoRA) and the same weights for every
 image of the batch (always so for a single image), the blend is merged into the backbone for the
 call: zero overhead. Large images run tiled (models/tiling.py). `tiling="exact"` (the default)
 tiles inside every transformer block (Backbone.forward(tile=...)): the same result as the whole
@@ -166,6 +168,11 @@ class Restorer(nn.Module):
                     else:
                         out = tiled_apply(self.backbone, images, side, overlap)
                 out = out.clamp_(0.0, 1.0)
+                if used is not None and weights is None and self.estimator is not None \
+                        and self.estimator.keep_head is not None:
+                    # the estimator's keep looks at the input and at what the network made of it
+                    used = used.clone()
+                    used[:, -1] = self.estimator.keep(images, out)[:, 0]
                 if used is not None and bool((used[:, -1] > 0).any()):
                     keep = used[:, -1].view(-1, 1, 1, 1).to(out.dtype)
                     out = torch.lerp(out, images, keep)

@@ -315,26 +315,48 @@ def test_keep_blends_the_input_back(system):
 
 
 def test_do_no_harm_estimator_weights(tmp_path):
-    """base joins the softmax (adapter weights sum below one), keep comes from its own head, oh
-    gives all zeros when base wins, and both survive a save/load round trip."""
+    """base joins the softmax (adapter weights sum below one), keep comes from its own head and
+    depends on what the network made of the input, oh gives all zeros when base wins, and all of
+    it survives a save/load round trip."""
     torch.manual_seed(0)
     est = Estimator(len(CLASSES), width=8, crop_size=32, view_size=32, do_no_harm=True, class_names=CLASSES).eval()
+    with torch.no_grad():
+        est.keep_head[-1].weight.normal_(0, 0.5)  # as trained: keep depends on its inputs
     x = torch.rand(3, 3, 40, 40)
-    w = est.weights(x, "sw")
+    restored = (x * 0.5).clamp(0, 1)
+    w = est.weights(x, "sw", restored=restored)
     assert w.shape == (3, len(CLASSES) + 1)
     assert bool((w[:, :-1].sum(1) < 1).all()) and bool(((w[:, -1] > 0) & (w[:, -1] < 1)).all())
-    logits, keep_logit = est.outputs(x)
-    torch.testing.assert_close(w[:, :-1], torch.softmax(logits, 1)[:, :-1])
-    torch.testing.assert_close(w[:, -1], torch.sigmoid(keep_logit[:, 0]))
+    torch.testing.assert_close(w[:, :-1], torch.softmax(est.logits(x), 1)[:, :-1])
+    torch.testing.assert_close(w[:, -1], torch.sigmoid(est.keep_logit(x, restored)[:, 0]))
+    assert not torch.allclose(est.keep(x, x), est.keep(x, restored))  # it looks at the output
+    assert torch.equal(est.weights(x)[:, -1], torch.zeros(3))  # no output yet: keep not known
     with torch.no_grad():
         est.base.bias.fill_(100.0)  # base wins everywhere
     oh = est.weights(x, "oh")
     assert torch.equal(oh[:, :-1], torch.zeros(3, len(CLASSES)))
     save_estimator(est, tmp_path / "e.safetensors")
     again = load_estimator(tmp_path / "e.safetensors").eval()
-    assert again.config.do_no_harm and torch.equal(again.weights(x), est.weights(x))
+    assert again.config.do_no_harm and torch.equal(again.weights(x, restored=restored), est.weights(x, restored=restored))
 
 
+def test_restorer_fills_in_the_estimators_keep(system):
+    """In the estimator's modes keep is asked once the network has run, on its output; the
+    served image is exactly the blend, and explicit weights are taken as given."""
+    torch.manual_seed(1)
+    est = Estimator(len(CLASSES), width=8, crop_size=32, view_size=32, do_no_harm=True, class_names=CLASSES).eval()
+    with torch.no_grad():
+        est.keep_head[-1].weight.normal_(0, 0.5)
+        est.keep_head[-1].bias.fill_(0.5)
+    restorer = Restorer(system.backbone, system.bank, est)
+    x = smooth_images(2, 40, 40)
+    out, used = restorer.restore(x, mode="sw")
+    adapters = used[:, :-1]
+    network, _ = restorer.restore(x, mode="oracle", weights=adapters)
+    keep = est.keep(x, network)[:, 0]
+    torch.testing.assert_close(used[:, -1], keep)
+    assert bool((keep > 0.05).all())
+    torch.testing.assert_close(out, torch.lerp(network, x, keep.view(-1, 1, 1, 1)))
 @pytest.mark.parametrize("row", [[0, 0, 0, 1.0, 0], [0.1, 0.2, 0.3, 0.25, 0.15]])
 def test_restorer_merge_path_equals_per_sample_path(system, row):
     """Same weights for the whole batch: the restorer merges (one adapter or the blend) instead

@@ -130,7 +130,8 @@ def test_pretrain_learning_curve(tmp_path, tiny_shards, train_params):
     steps = [int(r.split("\t")[0]) for r in rows[1:]]
     assert steps == [4, 8, 12]
     final = json.loads((tmp_path / "reports" / "pretrain.json").read_text())
-    assert abs(float(rows[-1].split("\t")[3]) - final["val_psnr_gain"]) < 1e-3  # the last point is the saved model's
+    if final["val_samples"] <= 64:  # the same samples: the last point is the saved model's
+        assert abs(float(rows[-1].split("\t")[3]) - final["val_psnr_gain"]) < 1e-3
     assert (tmp_path / "reports" / "pretrain_gain.png").stat().st_size > 1000
 
 

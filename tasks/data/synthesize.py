@@ -59,6 +59,26 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> tuple[n
     return img[y0:y0 + size, x0:x0 + size], [y0, x0, size, size]
 
 
+def vary_clean(clean: np.ndarray, rng: np.random.Generator, variation: dict) -> np.ndarray:
+    """Clean photos vary: some are dim, some are soft. A share `p` of the clean crops gets an
+    exposure gain U(exposure) in linear light and a Gaussian softening of sigma U(soften) px, and
+    the varied crop is the target: a dim or soft photo is not a degraded one (low light is far
+    darker, blur far wider), so the models learn to leave those alone instead of brightening every
+    dim photo and sharpening every soft one. Quantised to 8 bits, like the crop."""
+    if not variation or rng.random() >= variation.get("p", 0.0):
+        return clean
+    import cv2
+
+    lo, hi = variation.get("exposure", (1.0, 1.0))
+    gain = rng.uniform(lo, hi)
+    out = np.clip((clean ** 2.2) * gain, 0.0, 1.0) ** (1 / 2.2)
+    lo, hi = variation.get("soften", (0.0, 0.0))
+    sigma = rng.uniform(lo, hi)
+    if sigma > 0.05:
+        out = cv2.GaussianBlur(out, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    return np.round(out.astype(np.float32) * 255.0) / 255.0
+
+
 def make_sample(clean_source: np.ndarray, source: Source, index: int, cfg: dict) -> tuple[str, dict, np.ndarray, str]:
     """One (key, members) pair for the shard, plus its mask and kind for the statistics."""
     from degradations import composite
@@ -68,6 +88,7 @@ def make_sample(clean_source: np.ndarray, source: Source, index: int, cfg: dict)
     # The shard stores 8-bit images: degrade the 8-bit clean crop so that untouched pixels of
     # the degraded image are byte-identical to the clean one.
     clean = imageio.to_uint8(clean).astype(np.float32) / 255.0
+    clean = vary_clean(clean, rng, cfg.get("clean_variation") or {})
     if cfg.get("p_gray") and rng.random() < cfg["p_gray"]:
         # grey photos exist (scans, old prints, B&W shots): without them every model learns that
         # missing colour is a degradation (haze washes colour out) and "restores" it

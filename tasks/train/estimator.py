@@ -180,10 +180,9 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
     total = confusion.sum()
     result = {"accuracy": float(np.trace(confusion) / max(total, 1)), "confusion": confusion.tolist(), "names": names}
     if estimator.base is not None and cleans:
-        # held-out clean crops: how often the backbone alone wins, and how much of the input is kept
+        # held-out clean crops: how often the backbone alone wins
         weights = estimator.weights(torch.stack([reader.to_tensor(c) for c in cleans]).to(device))
         result["clean_base_share"] = float((weights[:, :len(names)].sum(1) < 0.5).float().mean())
-        result["clean_keep_mean"] = float(weights[:, -1].mean())
     return result
 
 
@@ -247,7 +246,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
         estimator.to("cpu")
         val = single_degradation_accuracy(estimator, sources, shards, index, cfg["seed"], cfg.get("val_samples", 16), "cpu")
         summary["val_accuracy"] = val["accuracy"]
-        summary.update({k: val[k] for k in ("clean_base_share", "clean_keep_mean") if k in val})
+        summary.update({k: val[k] for k in ("clean_base_share",) if k in val})
         save_estimator(estimator, out, extra_metadata={"inputs_hash": inputs_hash, "adapters": names,
                                                        "adapter_sha256": [s["sha256"] for s in sources],
                                                        "val_accuracy": f"{val['accuracy']:.4f}", "temperature": str(cfg["temperature"])})
@@ -274,7 +273,7 @@ def classify_loss(estimator, device: torch.device):
 
     def loss_fn(batch):
         degraded, _, target = (t.to(device) for t in batch)
-        logits = estimator.outputs(degraded)[0] if estimator.base is not None else estimator(degraded)
+        logits = estimator.logits(degraded)
         return soft_cross_entropy(logits, target), {}
 
     return loss_fn
@@ -352,7 +351,8 @@ def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, c
     k* = <t - y, x - y> / ||x - y||^2, clipped to [0, 1] (1 where y = x: nothing to gain). The
     head regresses k* (binary cross-entropy on its logit). Unlike the served blend's error, this
     weighs every image alike: a clean photo the network spoils slightly counts as much as a
-    heavily degraded one it repairs. The restoration runs without gradients on the central `crop`."""
+    heavily degraded one it repairs. The restoration runs without gradients on the central `crop`
+    of each sample, and the keep head sees that crop and what the network made of it."""
     columns = [bank.names.index(n) for n in names]
 
     def loss_fn(batch):
@@ -362,15 +362,13 @@ def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, c
             if crop:
                 h, w = degraded.shape[-2:]
                 y0, x0 = max(h - crop, 0) // 2, max(w - crop, 0) // 2
-                degraded_c, clean_c = (t[:, :, y0:y0 + crop, x0:x0 + crop] for t in (degraded, clean))
-            else:
-                degraded_c, clean_c = degraded, clean
+                degraded, clean = (t[:, :, y0:y0 + crop, x0:x0 + crop] for t in (degraded, clean))
             bank_weights = weights.new_zeros(weights.shape[0], len(bank))
             bank_weights[:, columns] = weights[:, :len(names)]
             with bank.weights(bank_weights):
-                restored = backbone(degraded_c).float().clamp(0, 1)
-            best = optimal_keep(degraded_c.float(), restored, clean_c.float())
-        logit = estimator.keep_head(estimator.features(degraded)).float()[:, 0]
+                restored = backbone(degraded).float().clamp(0, 1)
+            best = optimal_keep(degraded.float(), restored, clean.float())
+        logit = estimator.keep_logit(degraded, restored).float()[:, 0]
         return F.binary_cross_entropy_with_logits(logit, best), {"keep": float(torch.sigmoid(logit.detach()).mean()),
                                                                  "keep_target": float(best.mean())}
 

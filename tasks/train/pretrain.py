@@ -180,8 +180,8 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
                 result.update(val)
                 metadata = {"classes": index["classes"], "inputs_hash": inputs_hash, "shards_hash": index["params_hash"],
                             "steps": total_steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
-                if curve is not None:
-                    curve.add(total_steps, val)
+                if curve is not None:  # the same samples as every other point of the curve
+                    curve.measure(model, training.ema, shards, index, device, total_steps)
                 save_outputs(backbone, metadata, result, examples, Path(out), Path(reports), steplog, run,
                              f"Phase I ({cfg['model']['size']}, {total_steps} steps)", curve)
                 checkpoints.path.unlink(missing_ok=True)

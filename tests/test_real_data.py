@@ -191,7 +191,9 @@ def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
     batches = ((step, (clean, clean, torch.zeros(4, 2))) for step in range(60))
     loop.fit(loop.Training(head, cfg, torch.device("cpu")), keep_loss(estimator, backbone, bank, ["noise"], 1.0, None,
              torch.device("cpu")), batches, cfg, 60, torch.device("cpu"), progress=False)
-    keep = estimator.eval().weights(clean)[:, -1]
+    with torch.no_grad(), bank.weights(None):
+        restored = backbone(clean).clamp(0, 1)
+    keep = estimator.eval().keep(clean, restored)[:, 0]
     assert float(keep.min()) > 0.9, keep
     after = {k: v for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -229,3 +231,37 @@ def test_preview_puts_real_pairs_beside_the_model(tmp_path, project_params):
     row = sheet[plain.shape[0]:]
     real_tile, synthetic = row[20:, :160].astype(float), row[20:, 2 * 160:3 * 160].astype(float)
     assert real_tile.std() > 0 and not np.array_equal(real_tile, synthetic)
+
+
+def test_clean_crops_vary_in_exposure_and_sharpness_and_some_are_grey():
+    from tasks.data.synthesize import vary_clean
+
+    rng = np.random.default_rng(0)
+    clean = rng.random((32, 32, 3)).astype(np.float32)
+    assert vary_clean(clean, rng, {}) is clean
+    assert vary_clean(clean, np.random.default_rng(1), {"p": 0.0, "exposure": [0.5, 0.5]}) is clean
+    dim = vary_clean(clean, np.random.default_rng(1), {"p": 1.0, "exposure": [0.5, 0.5]})
+    expected = np.round(np.clip(clean ** 2.2 * 0.5, 0, 1) ** (1 / 2.2) * 255) / 255
+    assert np.allclose(dim, expected, atol=1e-6)
+    soft = vary_clean(clean, np.random.default_rng(1), {"p": 1.0, "soften": [0.5, 0.5]})
+    assert soft.std() < clean.std() * 0.8  # smoothed
+    again = vary_clean(clean, np.random.default_rng(1), {"p": 1.0, "soften": [0.5, 0.5]})
+    assert np.array_equal(soft, again)
+
+
+def test_shards_hold_grey_crops(tiny_shards, tmp_path, project_params, photos):
+    import copy
+
+    from tasks.data.synthesize import synthesize
+
+    root = tmp_path / "src"
+    for name in ("astronaut", "chelsea"):
+        write_png(root / f"{name}.png", photos[name][:96, :96])
+    cfg = copy.deepcopy(project_params["synthesize"])
+    cfg.update(crop_size=32, samples_per_image=20, workers=1, min_size=32, val_fraction=0.0, p_gray=0.5)
+    synthesize(cfg, source=str(root), out=str(tmp_path / "shards"), progress=False)
+    index = reader.load_index(str(tmp_path / "shards"))
+    samples = list(reader.read_split(reader.shard_urls(str(tmp_path / "shards"), "train", index)))
+    grey = [s for s in samples if np.array_equal(s["clean"][..., 0], s["clean"][..., 1])
+            and np.array_equal(s["clean"][..., 1], s["clean"][..., 2])]
+    assert 8 <= len(grey) <= 32, len(grey)  # about half of the 40

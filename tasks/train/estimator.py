@@ -8,9 +8,9 @@ blended restoration loss, backbone and adapters frozen.
 Do no harm (`do_no_harm`, ../shared/DESIGN.md "Modes"): the targets get a `base` column (the
 backbone alone): all of it for clean and barely degraded samples (`p_clean`), and the clean share
 of a composite sample's pixels. Then a last step (`keep_steps`) trains the keep head alone, with
-everything else frozen, towards each sample's best keep (`optimal_keep`): the blend
-`keep * input + (1 - keep) * restored` closest to the target, where `restored` is the system's SW
-output. It is high exactly where the restoration hurts (a clean photo, an adapter applied where it
+everything else frozen, to maximise each sample's PSNR of the served blend
+`keep * input + (1 - keep) * restored`, where `restored` is the system's SW output (`keep_loss`).
+Keep should be high exactly where the restoration hurts (a clean photo, an adapter applied where it
 does not belong, a degradation no adapter knows: `keep_extra`) and near zero where it helps.
 """
 
@@ -42,6 +42,7 @@ from tasks.core.components import adapter_files, file_sha256, load_bank
 log = logging.getLogger(__name__)
 
 RUNTIME_KNOBS = ("device", "workers", "log_every")
+KEEP_MSE_FLOOR = 1e-4  # the keep step's PSNR cap: 40 dB (a clean image kept within 40 dB counts as kept)
 
 
 def adapter_sources(files: list[Path]) -> list[dict]:
@@ -345,14 +346,15 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
 
 
 def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
-              device: torch.device):
-    """The loop's loss for the keep step. For each sample the best keep has a closed form: with
-    restored y, input x and target t, the k minimising ||k x + (1 - k) y - t||^2 is
-    k* = <t - y, x - y> / ||x - y||^2, clipped to [0, 1] (1 where y = x: nothing to gain). The
-    head regresses k* (binary cross-entropy on its logit). Unlike the served blend's error, this
-    weighs every image alike: a clean photo the network spoils slightly counts as much as a
-    heavily degraded one it repairs. The restoration runs without gradients on the central `crop`
-    of each sample, and the keep head sees that crop and what the network made of it."""
+              device: torch.device, floor: float = KEEP_MSE_FLOOR):
+    """The loop's loss for the keep step: the mean over images of log(MSE + floor) of the served
+    blend `keep * input + (1 - keep) * restored` against the target, i.e. minus each image's PSNR
+    (to a cap of -10 log10(floor) dB). The mean PSNR over images is what the evaluation reports and
+    what a user sees one photo at a time, so every image weighs alike in dB: a clean photo the
+    network spoils (keep should go to 1) counts as much as a degraded one it repairs (keep to 0).
+    The restoration runs without gradients on the central `crop` of each sample, and the keep head
+    sees that crop and what the network made of it. `keep_target` logs the mean of each sample's
+    best keep (optimal_keep), what the head should approach."""
     columns = [bank.names.index(n) for n in names]
 
     def loss_fn(batch):
@@ -368,9 +370,10 @@ def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, c
             with bank.weights(bank_weights):
                 restored = backbone(degraded).float().clamp(0, 1)
             best = optimal_keep(degraded.float(), restored, clean.float())
-        logit = estimator.keep_logit(degraded, restored).float()[:, 0]
-        return F.binary_cross_entropy_with_logits(logit, best), {"keep": float(torch.sigmoid(logit.detach()).mean()),
-                                                                 "keep_target": float(best.mean())}
+        keep = torch.sigmoid(estimator.keep_logit(degraded, restored).float()).view(-1, 1, 1, 1)
+        served = torch.lerp(restored, degraded.float(), keep)
+        mse = (served - clean.float()).pow(2).flatten(1).mean(1)
+        return torch.log10(mse + floor).mean(), {"keep": float(keep.detach().mean()), "keep_target": float(best.mean())}
 
     return loss_fn
 

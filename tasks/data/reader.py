@@ -297,9 +297,11 @@ def paired_spec(spec, where: str = "paired data") -> dict:
     if unknown:
         raise AbairError(where, f"unknown keys {sorted(unknown)} (paths, holdout, group, share)")
     paths = [spec["paths"]] if isinstance(spec["paths"], str) else [str(p) for p in spec["paths"]]
-    holdout = float(spec.get("holdout", 0.0))
     share = float(spec.get("share", 1.0))
     group = spec.get("group", "image")
+    if spec.get("holdout", 0.0) is None and len(paths) == 1:  # the short form, spelled out
+        return {"paths": paths, "holdout": None, "group": group, "share": share}
+    holdout = float(spec.get("holdout") or 0.0)
     if not paths or not 0.0 <= holdout < 1.0 or not 0.0 < share <= 1.0 or group not in GROUPS:
         raise AbairError(where, f"needs paths, 0 <= holdout < 1, 0 < share <= 1 and group in {sorted(GROUPS)}; got {spec!r}")
     return {"paths": paths, "holdout": holdout, "group": group, "share": share}

@@ -194,7 +194,8 @@ def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
              torch.device("cpu")), batches, cfg, 60, torch.device("cpu"), progress=False)
     with torch.no_grad(), bank.weights(None):
         restored = backbone(clean).clamp(0, 1)
-    keep = estimator.eval().keep(clean, restored)[:, 0]
+    with torch.no_grad():
+        keep = estimator.eval().keep(clean, restored)[:, 0]
     assert float(keep.min()) > 0.9, keep
     after = {k: v for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -44,6 +44,7 @@ import cv2  # noqa: E402
 from degradations import haze, lowlight, noise  # noqa: E402
 from tasks.core import imageio  # noqa: E402
 from tasks.evaluate import baselines  # noqa: E402
+from benchmarks._machine import cpu_name  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bench" / "CBSD68"
 SIGMAS = (15, 25, 50)
@@ -128,15 +129,7 @@ def run_benchmark(images, sigmas, functions) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs ({platform.platform()}); Python {platform.python_version()}, "
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs ({platform.platform()}); Python {platform.python_version()}, "
             f"numpy {np.__version__}, OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads)")
 
 

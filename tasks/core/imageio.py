@@ -159,6 +159,11 @@ def to_float_rgb(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, :3])
 
 
+def to_grey_rgb(img: np.ndarray) -> np.ndarray:
+    """A grey copy of a float32 HxWx3 RGB image: three equal channels of its BT.601 luma."""
+    return np.repeat(img @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(img.shape)
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """float in [0, 1] -> uint8 with rounding (clipped); uint8 passes through."""
     if img.dtype == np.uint8:

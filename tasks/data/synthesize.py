@@ -92,8 +92,7 @@ def make_sample(clean_source: np.ndarray, source: Source, index: int, cfg: dict)
     if cfg.get("p_gray") and rng.random() < cfg["p_gray"]:
         # grey photos exist (scans, old prints, B&W shots): without them every model learns that
         # missing colour is a degradation (haze washes colour out) and "restores" it
-        clean = np.round(np.repeat(clean @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(clean.shape)
-                         * 255.0) / 255.0
+        clean = np.round(imageio.to_grey_rgb(clean) * 255.0) / 255.0
     comp = cfg["composite"]
     degraded, mask, info = composite.apply(
         clean, rng, cfg["classes"], {k: tuple(v) for k, v in cfg["severity"].items()},

@@ -21,7 +21,7 @@ import torch
 import degradations
 from degradations import composite
 
-from tasks.core import paths
+from tasks.core import imageio, paths
 from tasks.data import reader
 
 from tasks.train import loop
@@ -62,11 +62,6 @@ def synthetic_options(index: dict | None, name: str) -> dict:
     return dict(((index or {}).get("generator") or {}).get("options", {}).get(name, {}))
 
 
-def grey(image: np.ndarray) -> np.ndarray:
-    """A grey copy of a float RGB image (three equal channels, BT.601 luma)."""
-    return np.repeat(image @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(image.shape)
-
-
 class SyntheticPatch:
     """Clean shard crop -> random patch -> one degradation at a random severity; or, with
     probability `p_clean`, the clean patch (half of them grey) as both input and target."""
@@ -80,7 +75,7 @@ class SyntheticPatch:
         (clean,) = reader.random_patch([sample["clean"]], self.patch, rng)
         clean = clean.astype(np.float32) / 255.0
         if self.p_clean and rng.random() < self.p_clean:
-            clean = grey(clean) if rng.random() < 0.5 else clean
+            clean = imageio.to_grey_rgb(clean) if rng.random() < 0.5 else clean
             return reader.to_tensor(clean), reader.to_tensor(clean)
         degraded, _ = composite.draw(clean, rng, self.name, self.severity, self.options)
         return reader.to_tensor(degraded), reader.to_tensor(clean)

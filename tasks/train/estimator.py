@@ -28,7 +28,7 @@ import degradations
 from degradations import composite
 import torch.nn.functional as F
 
-from tasks.core import paths
+from tasks.core import imageio, paths
 from tasks.data import reader
 
 from tasks.train import loop
@@ -100,7 +100,7 @@ class EstimatorSample:
     def _clean(self, sample: dict, rng: np.random.Generator) -> np.ndarray:
         clean = sample["clean"].astype(np.float32) / 255.0
         if self.p_gray and rng.random() < self.p_gray:
-            clean = np.repeat(clean @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(clean.shape)
+            clean = imageio.to_grey_rgb(clean)
         return clean
 
     def __call__(self, sample: dict, rng: np.random.Generator):

@@ -137,7 +137,7 @@ def train_params(project_params) -> dict:
                               workers=0, shuffle_buffer=16, device="cpu")
     params["adapters"].update(patch=32, batch=4, steps=6, warmup_steps=1, log_every=2, device="cpu", val_samples=4,
                               degradations=["noise", "haze"])
-    params["estimator"].update(batch=8, steps=6, warmup_steps=1, sw_steps=2, keep_steps=2, log_every=2, device="cpu",
+    params["estimator"].update(batch=8, steps=6, warmup_steps=1, sw_steps=2, keep_steps=2, keep_samples=16, log_every=2, device="cpu",
                                crop_size=32, view_size=32, val_samples=4)
     return params
 

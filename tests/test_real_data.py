@@ -164,41 +164,59 @@ def test_estimator_targets_put_clean_samples_on_base(tiny_shards):
 
 
 def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
-    """A network that ruins its input (random weights), clean samples: the keep step drives keep
-    towards 1 so the served output is the input; the rest of the estimator stays as it was."""
+    """A network that ruins its input (random weights), clean samples: the keep step, trained on
+    the cache of features and served-error quadratics, drives keep towards 1 so the served output
+    is the input; the rest of the estimator stays as it was."""
     from models.adapters import AdapterBank
     from models.backbone import build_backbone
     from models.estimator import Estimator
     from tasks.train import loop
-    from tasks.train.estimator import keep_loss
+    from tasks.train.estimator import keep_loss, keep_quadratic, keep_report
 
     torch.manual_seed(0)
     backbone = build_backbone("tiny").eval()
     bank = AdapterBank(backbone, "lora")
     bank.add("noise")
-    for p in backbone.parameters():
-        p.requires_grad_(False)
     estimator = Estimator(1, width=8, crops=1, crop_size=32, view_size=32, do_no_harm=True, class_names=["noise"])
     before = {k: v.clone() for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
     clean = torch.rand(4, 3, 32, 32)
     with torch.no_grad(), bank.weights(None):
-        assert float((backbone(clean).clamp(0, 1) - clean).abs().mean()) > 0.05  # it does spoil it
-    for p in estimator.parameters():
-        p.requires_grad_(False)
-    head = list(estimator.keep_head.parameters())
-    for p in head:
-        p.requires_grad_(True)
-    cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 60, "batch": 4, "log_every": 10}
-    batches = ((step, (clean, clean, torch.zeros(4, 2))) for step in range(60))
-    loop.fit(loop.Training(head, cfg, torch.device("cpu")), keep_loss(estimator, backbone, bank, ["noise"], 1.0, None,
-             torch.device("cpu")), batches, cfg, 60, torch.device("cpu"), progress=False)
-    with torch.no_grad(), bank.weights(None):
         restored = backbone(clean).clamp(0, 1)
+        features = torch.cat([estimator.features(clean), estimator.features(restored)], dim=1)
+    assert float((restored - clean).abs().mean()) > 0.05  # it does spoil it
+    quadratic = keep_quadratic(clean, restored, clean)
+    head = list(estimator.keep_head.parameters())
+    cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 60, "batch": 4, "log_every": 10}
+    batches = ((step, torch.arange(4)) for step in range(60))
+    loop.fit(loop.Training(head, cfg, torch.device("cpu")), keep_loss(estimator.keep_head, features, quadratic),
+             batches, cfg, 60, torch.device("cpu"), progress=False)
     with torch.no_grad():
         keep = estimator.eval().keep(clean, restored)[:, 0]
     assert float(keep.min()) > 0.9, keep
+    report = keep_report(estimator.keep_head, features, quadratic)
+    assert report["psnr_served"] > report["psnr_network"] + 10 and report["worse_share"] == 0.0
     after = {k: v for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_keep_quadratic_is_the_served_error_at_every_keep_and_its_minimum():
+    """The cached (a, b, c) give the served blend's MSE exactly for any keep, and optimal_keep is
+    its minimiser on [0, 1] (1 when the network changed nothing)."""
+    from tasks.train.estimator import keep_quadratic, optimal_keep, served_mse
+
+    gen = torch.Generator().manual_seed(3)
+    degraded, restored, clean = (torch.rand(5, 3, 16, 16, generator=gen) for _ in range(3))
+    restored[4] = degraded[4]
+    quadratic = keep_quadratic(degraded, restored, clean)
+    for k in (0.0, 0.3, 1.0):
+        direct = (torch.lerp(restored, degraded, k) - clean).pow(2).flatten(1).mean(1)
+        assert torch.allclose(served_mse(quadratic, torch.full((5,), k)), direct, atol=1e-6)
+    best = optimal_keep(quadratic)
+    grid = torch.linspace(0, 1, 201)
+    for i in range(4):
+        errors = served_mse(quadratic[i:i + 1].expand(201, 3), grid)
+        assert float(served_mse(quadratic[i:i + 1], best[i:i + 1])) <= float(errors.min()) + 1e-7
+    assert float(best[4]) == 1.0
 
 
 def test_evaluation_set_of_held_out_pairs_and_first_n(tmp_path):

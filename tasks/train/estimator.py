@@ -241,8 +241,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                                                   sw_log, progress)
         if do_no_harm and int(cfg.get("keep_steps", 0)) > 0:
             keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep", "keep_target"], run)
-            summary["keep_final_loss"] = tune_keep(estimator, names, files, stream, cfg, backbone_path, device,
-                                                   keep_log, progress)
+            summary.update(tune_keep(estimator, names, files, stream, cfg, backbone_path, device, keep_log, progress))
 
         estimator.to("cpu")
         val = single_degradation_accuracy(estimator, sources, shards, index, cfg["seed"], cfg.get("val_samples", 16), "cpu")
@@ -318,73 +317,132 @@ def check_frozen(backbone, backbone_fp: str, backbone_path: str, step: str) -> N
 
 
 def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.ShardStream, cfg: dict,
-              backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> float:
-    """The keep step: train the keep head alone on the served output's error (module docstring).
-    Returns the final loss."""
-    keep_steps = int(cfg["keep_steps"])
+              backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> dict:
+    """The keep step, everything but the keep head frozen. The frozen system restores
+    `keep_samples` samples once (keep_cache); the head then trains on that cache for `keep_steps`
+    minibatch steps (cheap: no network runs), towards each sample's PSNR of the served blend
+    (keep_loss). A share `keep_holdout` of the cache is held out and scored (keep_report)."""
     backbone, bank, backbone_fp = frozen_system(backbone_path, files, device)
     for p in estimator.parameters():
         p.requires_grad_(False)
-    head = list(estimator.keep_head.parameters())
-    for p in head:
-        p.requires_grad_(True)
-    keep_cfg = {**cfg, "lr": cfg.get("keep_lr", cfg["lr"]), "warmup_steps": 0, "steps": keep_steps, "grad_clip": 0}
     stream = copy.copy(stream)
     stream.transform = copy.copy(stream.transform)
     stream.transform.extra = tuple(cfg.get("keep_extra") or ())
     stream.transform.p_extra = float(cfg.get("p_keep_extra", 0.0))
-    loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=keep_steps, workers=cfg.get("workers", 0))
+    stream.transform.p_clean = float(cfg.get("keep_p_clean", stream.transform.p_clean))
+    stream.transform.p_gray = float(cfg.get("keep_p_gray", stream.transform.p_gray))
     stream.seed = cfg["seed"] + 2
-    losses = loop.fit(loop.Training(head, keep_cfg, device),
-                      keep_loss(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"), device),
-                      loader.batches(0, keep_steps), keep_cfg, keep_steps, device, steplog=steplog,
-                      desc="estimator keep", progress=progress)
+    features, quadratic = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
+                                     stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress)
+    check_frozen(backbone, backbone_fp, backbone_path, "keep")
+    held = max(1, int(round(len(features) * float(cfg.get("keep_holdout", 0.2)))))
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg["seed"]))
+    val, train = order[:held], order[held:]
+    head = list(estimator.keep_head.parameters())
+    for p in head:
+        p.requires_grad_(True)
+    keep_steps, keep_batch = int(cfg["keep_steps"]), int(cfg.get("keep_batch", 64))
+    keep_cfg = {**cfg, "lr": cfg.get("keep_lr", cfg["lr"]), "warmup_steps": 0, "steps": keep_steps, "grad_clip": 0}
+    picks = torch.Generator().manual_seed(cfg["seed"] + 3)
+    batches = ((step, train[torch.randint(0, len(train), (keep_batch,), generator=picks)]) for step in range(keep_steps))
+    head_fn = estimator.keep_head.to(device)
+    losses = loop.fit(loop.Training(head, keep_cfg, device), keep_loss(head_fn, features, quadratic),
+                      batches, keep_cfg, keep_steps, device, steplog=steplog, desc="estimator keep", progress=progress)
     for p in estimator.parameters():
         p.requires_grad_(True)
-    check_frozen(backbone, backbone_fp, backbone_path, "keep")
-    return float(np.mean(losses[-10:]))
+    report = keep_report(head_fn, features[val], quadratic[val])
+    log.info("keep step: held-out %d samples, PSNR input %.2f, network %.2f, served %.2f, best keep %.2f dB; "
+             "served worse than input on %.0f%%", held, report["psnr_input"], report["psnr_network"],
+             report["psnr_served"], report["psnr_best"], 100 * report["worse_share"])
+    return {"keep_final_loss": float(np.mean(losses[-10:])), "keep_val": report}
 
 
-def keep_loss(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
-              device: torch.device, floor: float = KEEP_MSE_FLOOR):
-    """The loop's loss for the keep step: the mean over images of log(MSE + floor) of the served
-    blend `keep * input + (1 - keep) * restored` against the target, i.e. minus each image's PSNR
-    (to a cap of -10 log10(floor) dB). The mean PSNR over images is what the evaluation reports and
-    what a user sees one photo at a time, so every image weighs alike in dB: a clean photo the
-    network spoils (keep should go to 1) counts as much as a degraded one it repairs (keep to 0).
-    The restoration runs without gradients on the central `crop` of each sample, and the keep head
-    sees that crop and what the network made of it. `keep_target` logs the mean of each sample's
-    best keep (optimal_keep), what the head should approach."""
+@torch.no_grad()
+def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
+               stream: reader.ShardStream, samples: int, batch: int, device: torch.device, progress: bool):
+    """(N x 2F features of each input and of its restoration, N x 3 keep_quadratic): what the keep
+    head sees and what its loss needs, for N = `samples` samples of `stream` restored by the frozen
+    system in SW mode. The restoration runs on each sample's central `crop`."""
+    from tqdm import tqdm
+
     columns = [bank.names.index(n) for n in names]
+    estimator.eval()
+    loader = reader.SegmentedLoader(stream, batch, segment_steps=10 ** 9)
+    features, quadratic = [], []
+    steps = -(-samples // batch)
+    for _, (degraded, clean, _) in tqdm(loader.batches(0, steps), total=steps, desc="estimator keep cache",
+                                        unit="batch", disable=not progress, leave=False):
+        degraded, clean = degraded.to(device).float(), clean.to(device).float()
+        weights = estimator.weights(degraded, "sw", temperature)
+        if crop:
+            h, w = degraded.shape[-2:]
+            y0, x0 = max(h - crop, 0) // 2, max(w - crop, 0) // 2
+            degraded, clean = (t[:, :, y0:y0 + crop, x0:x0 + crop] for t in (degraded, clean))
+        bank_weights = weights.new_zeros(weights.shape[0], len(bank))
+        bank_weights[:, columns] = weights[:, :len(names)]
+        with bank.weights(bank_weights):
+            restored = backbone(degraded).float().clamp(0, 1)
+        features.append(torch.cat([estimator.features(degraded), estimator.features(restored)], dim=1).cpu())
+        quadratic.append(keep_quadratic(degraded, restored, clean).cpu())
+    estimator.train()
+    return torch.cat(features)[:samples], torch.cat(quadratic)[:samples]
 
-    def loss_fn(batch):
-        degraded, clean, _ = (t.to(device) for t in batch)
-        with torch.no_grad():
-            weights = estimator.weights(degraded, "sw", temperature)
-            if crop:
-                h, w = degraded.shape[-2:]
-                y0, x0 = max(h - crop, 0) // 2, max(w - crop, 0) // 2
-                degraded, clean = (t[:, :, y0:y0 + crop, x0:x0 + crop] for t in (degraded, clean))
-            bank_weights = weights.new_zeros(weights.shape[0], len(bank))
-            bank_weights[:, columns] = weights[:, :len(names)]
-            with bank.weights(bank_weights):
-                restored = backbone(degraded).float().clamp(0, 1)
-            best = optimal_keep(degraded.float(), restored, clean.float())
-        keep = torch.sigmoid(estimator.keep_logit(degraded, restored).float()).view(-1, 1, 1, 1)
-        served = torch.lerp(restored, degraded.float(), keep)
-        mse = (served - clean.float()).pow(2).flatten(1).mean(1)
-        return torch.log10(mse + floor).mean(), {"keep": float(keep.detach().mean()), "keep_target": float(best.mean())}
+
+def keep_quadratic(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """B x 3 (a, b, c) with MSE(keep * degraded + (1 - keep) * restored, clean) = a k^2 + 2 b k + c
+    for every keep k: a = mean(d^2), b = mean(d e), c = mean(e^2), d = degraded - restored,
+    e = restored - clean. So each sample's served error is exact for any keep, without the images."""
+    change = (degraded - restored).flatten(1)
+    error = (restored - clean).flatten(1)
+    return torch.stack([change.pow(2).mean(1), (change * error).mean(1), error.pow(2).mean(1)], dim=1)
+
+
+def served_mse(quadratic: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    a, b, c = quadratic.unbind(1)
+    return (a * keep.pow(2) + 2 * b * keep + c).clamp_min(0.0)
+
+
+def keep_loss(head, features: torch.Tensor, quadratic: torch.Tensor, floor: float = KEEP_MSE_FLOOR):
+    """The loop's loss for the keep step (batches are index tensors into the cache): the mean over
+    samples of log10(MSE + floor) of the served blend, i.e. minus each sample's PSNR (to a cap of
+    -10 log10(floor) dB). The mean PSNR over images is what the evaluation reports and what a user
+    sees one photo at a time, so every image weighs alike in dB: a clean photo the network spoils
+    (keep should go to 1) counts as much as a degraded one it repairs (keep to 0). `keep_target`
+    logs the mean of each sample's best keep (optimal_keep), what the head should approach."""
+    device = next(head.parameters()).device
+
+    def loss_fn(rows):
+        feats, quad = features[rows].to(device), quadratic[rows].to(device)
+        keep = torch.sigmoid(head(feats).float())[:, 0]
+        loss = torch.log10(served_mse(quad, keep) + floor).mean()
+        return loss, {"keep": float(keep.detach().mean()), "keep_target": float(optimal_keep(quad).mean())}
 
     return loss_fn
 
 
-def optimal_keep(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """B: the k in [0, 1] minimising ||k * degraded + (1 - k) * restored - clean||^2 per image."""
-    change = (degraded - restored).flatten(1)
-    gap = (clean - restored).flatten(1)
-    energy = change.pow(2).sum(1)
-    best = (gap * change).sum(1) / energy.clamp_min(1e-12)
-    return torch.where(energy > 1e-10 * change.shape[1], best.clamp(0.0, 1.0), torch.ones_like(best))
+@torch.no_grad()
+def keep_report(head, features: torch.Tensor, quadratic: torch.Tensor, worse_db: float = 0.1) -> dict:
+    """Held-out samples' mean PSNR (dB, capped as in the loss) of the input (keep 1), the network
+    (keep 0), the served blend and the best keep, and the share served worse than its input."""
+    device = next(head.parameters()).device
+    keep = torch.sigmoid(head(features.to(device)).float())[:, 0].cpu()
+
+    def psnr(k: torch.Tensor) -> torch.Tensor:
+        return -10 * torch.log10(served_mse(quadratic, k) + KEEP_MSE_FLOOR)
+
+    ones = torch.ones(len(keep))
+    served, given = psnr(keep), psnr(ones)
+    return {"samples": len(keep), "psnr_input": float(given.mean()), "psnr_network": float(psnr(0 * ones).mean()),
+            "psnr_served": float(served.mean()), "psnr_best": float(psnr(optimal_keep(quadratic)).mean()),
+            "worse_share": float((served < given - worse_db).float().mean()), "keep_mean": float(keep.mean())}
+
+
+def optimal_keep(quadratic: torch.Tensor) -> torch.Tensor:
+    """B: the k in [0, 1] minimising a k^2 + 2 b k + c (keep_quadratic); 1 when the network changed
+    nothing (a = 0: keeping the input is then the same image)."""
+    a, b, _ = quadratic.unbind(1)
+    best = (-b / a.clamp_min(1e-12)).clamp(0.0, 1.0)
+    return torch.where(a > 1e-10, best, torch.ones_like(best))
 
 
 def blended_loss(estimator, backbone, bank, names: list[str], temperature: float, device: torch.device):

@@ -56,7 +56,7 @@ def cmd_restore(args) -> None:
     restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
                   progress=False if args.no_progress else None, tiling=args.tiling,
-                  max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS)
+                  max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS, memory_budget=args.memory_budget)
 
 
 def cmd_add_degradation(args) -> None:
@@ -112,9 +112,13 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow writing over an input file")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"per-tile pixel budget; larger images run in tiles (default: {DEFAULT_MAX_PIXELS}; 0: whole)")
-    p.add_argument("--tiling", choices=["exact", "local"], default="exact",
-                   help="exact: tiles inside the network, the same pixels as whole-image inference (default); "
-                        "local: independent overlapping tiles, memory independent of the image size, slightly different")
+    p.add_argument("--tiling", choices=["auto", "exact", "local"], default="auto",
+                   help="auto: exact where it fits the memory budget, else local (default); exact: tiles inside the "
+                        "network, the same pixels as whole-image inference; local: independent overlapping tiles, "
+                        "the network's memory independent of the image size, slightly different pixels")
+    p.add_argument("--memory-budget", default="2GB",
+                   help="memory a restore may add, e.g. 2GB, 800MB (default: 2GB; 0: no budget); images no tiling "
+                        "fits are refused before decoding")
     p.add_argument("--max-image-pixels", type=int,
                    help="refuse images larger than this many pixels before decoding them (default: 100000000); "
                         "not the tile budget: larger images than --max-pixels still restore in tiles")

@@ -175,7 +175,7 @@ class Restorer(nn.Module):
                     used[:, -1] = self.estimator.keep(images, out)[:, 0]
                 if used is not None and bool((used[:, -1] > 0).any()):
                     keep = used[:, -1].view(-1, 1, 1, 1).to(out.dtype)
-                    out = torch.lerp(out, images, keep)
+                    out = out.lerp_(images, keep)   # in place: a large image has no second output copy
         finally:
             for module, training in modes.items():
                 module.training = training

@@ -155,13 +155,26 @@ def _ramps(size: int, tile: int, overlap: int, device) -> list[tuple[int, int, t
 
 
 def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
-    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image."""
+    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image.
+
+    The tile weights are outer products of 1-D ramps on a grid of rows and columns, so their sum
+    over the tiles is the outer product of the 1-D sums: the image-sized arrays are the output alone."""
     b, c, h, w = images.shape
     out = torch.zeros(b, c, h, w, dtype=torch.float32, device=images.device)
-    total = torch.zeros(1, 1, h, w, dtype=torch.float32, device=images.device)
-    for y, th, wy in _ramps(h, tile, overlap, images.device):
-        for x, tw, wx in _ramps(w, tile, overlap, images.device):
+    rows, cols = _ramps(h, tile, overlap, images.device), _ramps(w, tile, overlap, images.device)
+    total_y, total_x = _ramp_sum(rows, h, images.device), _ramp_sum(cols, w, images.device)
+    for y, th, wy in rows:
+        for x, tw, wx in cols:
             window = wy[:, None] * wx[None, :]                                     # th x tw
             out[:, :, y:y + th, x:x + tw] += fn(images[:, :, y:y + th, x:x + tw]).float() * window
-            total[:, :, y:y + th, x:x + tw] += window
-    return out / total
+    for top in range(0, h, tile):   # divide a band of rows at a time: no image-sized weight map
+        band = slice(top, top + tile)
+        out[:, :, band] /= total_y[band, None] * total_x[None, :]
+    return out
+
+
+def _ramp_sum(ramps: list[tuple[int, int, torch.Tensor]], size: int, device) -> torch.Tensor:
+    total = torch.zeros(size, device=device)
+    for start, length, ramp in ramps:
+        total[start:start + length] += ramp
+    return total

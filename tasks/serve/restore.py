@@ -29,6 +29,7 @@ from tasks.core import imageio, paths, storage
 from tasks.core.components import load_system_dir
 from tasks.core.errors import AbairError
 from tasks.registry import store
+from tasks.serve import memory
 from tasks.serve.inference import DEFAULT_MAX_PIXELS, restore_rgb
 from tasks.serve.jpeg import estimate_jpeg_quality
 
@@ -138,18 +139,39 @@ def decode_image(data: bytes, name: str, max_image_pixels: int = imageio.MAX_IMA
         quality = estimate_jpeg_quality(data)
         estimated = quality is not None
         quality = quality or DEFAULT_JPEG_QUALITY
-    return Decoded(rgb=imageio.to_float_rgb(raw), dtype=raw.dtype, channels=channels, gray=imageio.is_grayscale(raw),
+    return Decoded(rgb=planar_float_rgb(raw), dtype=raw.dtype, channels=channels, gray=imageio.is_grayscale(raw),
                    alpha=alpha, orientation=orientation, jpeg_quality=quality, quality_estimated=estimated)
 
 
-def to_stored(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """float [0, 1] -> the input's sample type, rounded."""
-    img = np.clip(img, 0.0, 1.0)
-    if dtype == np.uint8:
-        return (img * 255.0 + 0.5).astype(np.uint8)
-    if dtype == np.uint16:
-        return (img * 65535.0 + 0.5).astype(np.uint16)
-    return img.astype(np.float32)
+def planar_float_rgb(raw: np.ndarray) -> np.ndarray:
+    """imageio.to_float_rgb's image as an HxWx3 view of a 3xHxW array: the network's layout, so
+    restore_rgb hands it to torch without a copy (a large image's one float copy is 12 bytes/px)."""
+    height, width = raw.shape[:2]
+    planes = np.empty((3, height, width), np.float32)
+    scale = {np.dtype(np.uint8): 1.0 / 255.0, np.dtype(np.uint16): 1.0 / 65535.0}.get(raw.dtype)
+    for c in range(3):
+        channel = raw if raw.ndim == 2 else raw[:, :, c]
+        np.copyto(planes[c], channel, casting="unsafe")
+        if scale is not None:
+            planes[c] *= scale
+        elif raw.dtype != np.bool_:
+            np.clip(planes[c], 0.0, 1.0, out=planes[c])
+    return planes.transpose(1, 2, 0)
+
+
+def to_stored(img: np.ndarray, dtype: np.dtype, rows: int = 256) -> np.ndarray:
+    """float [0, 1] -> the input's sample type, rounded; `rows` at a time, so the float
+    temporaries stay small beside a large image."""
+    if dtype not in (np.uint8, np.uint16):
+        return np.clip(img, 0.0, 1.0, dtype=np.float32)
+    scale = 255.0 if dtype == np.uint8 else 65535.0
+    out = np.empty(img.shape, dtype)
+    for top in range(0, img.shape[0], rows):
+        band = np.clip(img[top:top + rows], 0.0, 1.0)
+        band *= scale
+        band += 0.5
+        out[top:top + rows] = band
+    return out
 
 
 def encode_like(restored: np.ndarray, source: Decoded, suffix: str, quality: int | None = None) -> bytes:
@@ -249,16 +271,23 @@ def plan_each(inputs: list[str], out: str | Path, overwrite: bool = False) -> tu
 
 def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path = "restored", mode: str = "sw",
                   device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False,
-                  quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "exact",
-                  max_image_pixels: int = imageio.MAX_IMAGE_PIXELS) -> dict:
+                  quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "auto",
+                  max_image_pixels: int = imageio.MAX_IMAGE_PIXELS,
+                  memory_budget: int | str | None = memory.DEFAULT_BUDGET) -> dict:
     """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
-    is reported and skipped; the run then ends with an AbairError naming how many failed."""
+    is reported and skipped; the run then ends with an AbairError naming how many failed.
+    tiling: auto (exact where it fits `memory_budget`, else local), exact or local; an image no
+    tiling fits is refused before it is decoded (tasks/serve/memory.py)."""
     from tqdm import tqdm
 
     if mode not in ("sw", "oh"):
         raise AbairError("--mode", f"must be sw or oh, got {mode!r}")
-    if tiling not in ("exact", "local"):
-        raise AbairError("--tiling", f"must be exact or local, got {tiling!r}")
+    if tiling not in memory.TILINGS:
+        raise AbairError("--tiling", f"must be one of {', '.join(memory.TILINGS)}, got {tiling!r}")
+    try:
+        budget = memory.parse_bytes(memory_budget)
+    except ValueError as exc:
+        raise AbairError("--memory-budget", str(exc)) from None
     jobs, problems = plan_each(inputs, out, overwrite)
     if not jobs:
         raise AbairError(", ".join(inputs), "nothing to restore (" + "; ".join(str(p) for p in problems) + ")")
@@ -275,8 +304,13 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
     for job in bar:
         try:
             data = storage.read_bytes(job.source)
+            declared = imageio.declared_size(data)
+            if declared is not None:   # refuse what cannot fit before decoding it
+                fit(restorer, job.source, declared[1], declared[0], max_pixels, tiling, budget)
             source = decode_image(data, job.source, max_image_pixels)
-            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels, tiling)
+            chosen = fit(restorer, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget)
+            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels,
+                                            "exact" if chosen.tiling == "whole" else chosen.tiling)
             encoded = encode_like(restored, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
         except AbairError as exc:
@@ -286,9 +320,10 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
         h, w = source.rgb.shape[:2]
         pixels += h * w
         extra = f", jpeg q{encoded_quality(source, quality)}" if is_jpeg(job.target) else ""
+        extra += f", {chosen.describe()}" if chosen.tile is not None else ""
         write(f"{job.source}: restored -> {job.target} (weights: {format_weights(weights)}{extra})")
         done.append({"source": job.source, "target": str(job.target), "weights": weights, "size": [w, h],
-                     "orientation": source.orientation})
+                     "orientation": source.orientation, "tiling": chosen.tiling, "memory_estimate": chosen.estimate})
     bar.close()
     seconds = max(time.perf_counter() - start, 1e-9)
     summary = {"images": done, "failed": failed, "seconds": seconds, "images_per_s": len(done) / seconds,
@@ -299,6 +334,15 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
     if failed:
         raise AbairError(f"{len(failed)} of {len(jobs) + len(problems)} images", "could not be restored (errors above)")
     return summary
+
+
+def fit(restorer, name: str, height: int, width: int, max_pixels: int | None, tiling: str,
+        budget: int | None) -> memory.Plan:
+    """The memory plan for one image (tasks/serve/memory.py), or the AbairError naming it."""
+    try:
+        return memory.plan(restorer.backbone.config.dim, height, width, memory.tile_side(max_pixels), tiling, budget)
+    except memory.DoesNotFit as exc:
+        raise AbairError(name, str(exc)) from None
 
 
 def encoded_quality(source: Decoded, quality: int | None) -> str:

@@ -1,0 +1,122 @@
+"""How much memory restoring one image takes, and the tiling that fits a budget.
+
+`abair restore --memory-budget` (default 2 GiB) and `--tiling auto` (the default) pick, per image:
+
+    exact   tiles inside the network (the same pixels as whole-image inference), when it fits:
+            the blocks' wide maps exist for one tile at a time, but every level's input, output
+            and skip connection is whole, so memory grows with the image (EXACT_FLOATS per pixel
+            and per unit of backbone width);
+    local   independent overlapping tiles (models/tiling.py), when exact does not fit: memory is
+            the whole image's arrays (IMAGE_BYTES per pixel) plus one tile's network run;
+    refuse  when not even local fits: one error naming the image and what it would need,
+            before the image is decoded (from the size its header declares).
+
+The figures are per-pixel upper bounds of the peak resident memory a restore adds on top of the
+loaded model, measured on CPU (benchmarks/restore_memory.py; results in
+benchmarks/results/restore_memory.md) with a margin. They are estimates of a process's memory, not
+a hard limit the allocator enforces.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+DEFAULT_BUDGET = 2 * 1024**3
+# Bytes per image pixel held whatever the tiling: the float input and output tensors (12 + 12)
+# and the stored output's samples (3, 6 at 16 bit). Measured: about 27.
+IMAGE_BYTES = 30
+# Float32 values per pixel and per unit of backbone width (`dim`), at the first level's resolution:
+# EXACT: what exact tiling keeps whole (every level's skips, block inputs and outputs; measured
+# about 7); WHOLE: a whole-image (or one tile's) run, the blocks' wide maps included (about 25).
+EXACT_FLOATS = 9
+WHOLE_FLOATS = 28
+# Fixed working memory of one restore besides the above (the estimator, allocator slack).
+OVERHEAD = 96 * 1024**2
+TILINGS = ("auto", "exact", "local")
+
+
+@dataclass(frozen=True)
+class Plan:
+    tiling: str            # "whole" (fits in one tile), "exact" or "local"
+    tile: int | None       # tile side in pixels (None: whole)
+    estimate: int          # bytes
+    budget: int | None
+
+    @property
+    def layout(self) -> str:
+        return "whole" if self.tile is None else f"{self.tiling} tiles of {self.tile} px"
+
+    def describe(self) -> str:
+        return f"{self.layout}, ~{format_bytes(self.estimate)}"
+
+
+class DoesNotFit(ValueError):
+    """No tiling fits the budget; the message says what the image would need."""
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """"2GB", "1.5 GiB", "800MB", "512M", "1000000" -> bytes (binary units); 0 or None -> None (no budget)."""
+    if text is None or text == 0:
+        return None
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 2GB, 1500MB)")
+    value = float(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
+    return None if value == 0 else int(value)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
+
+
+def tile_side(max_pixels: int | None) -> int | None:
+    """The tile side models.restorer.tile_side derives from a pixel budget (a multiple of 8;
+    kept here too so that planning does not import torch)."""
+    return None if not max_pixels else math.isqrt(int(max_pixels)) // 8 * 8
+
+
+def network_bytes(dim: int, pixels: int, floats: int) -> int:
+    return 4 * floats * dim * pixels
+
+
+def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None) -> int:
+    """Peak bytes a restore adds for an image of height x width with this tiling."""
+    pixels = height * width
+    image = IMAGE_BYTES * pixels + OVERHEAD
+    if tile is None or (height <= tile and width <= tile):
+        return image + network_bytes(dim, pixels, WHOLE_FLOATS)
+    tile_run = network_bytes(dim, tile * tile, WHOLE_FLOATS)
+    if tiling == "exact":
+        return image + network_bytes(dim, pixels, EXACT_FLOATS) + tile_run
+    return image + tile_run
+
+
+def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "auto",
+         budget: int | None = DEFAULT_BUDGET) -> Plan:
+    """The tiling for one image: the requested one, or with "auto" exact where it fits the budget,
+    else local. `tile` is the tile side the pixel budget gives (None: whole images). Raises
+    DoesNotFit, saying what it would take, when the choice cannot fit."""
+    if tiling not in TILINGS:
+        raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
+    if tile is None or (height <= tile and width <= tile):
+        choices = ["whole"]
+    else:
+        choices = ["exact", "local"] if tiling == "auto" else [tiling]
+    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile), budget) for c in choices]
+    for candidate in plans:
+        if budget is None or candidate.estimate <= budget:
+            return candidate
+    best = min(plans, key=lambda p: p.estimate)
+    hint = "raise --memory-budget"
+    if best.tiling == "whole" and tile is None:
+        hint += ", or set a tile budget (--max-pixels)"
+    elif tiling == "exact":
+        hint += " or use --tiling local"
+    floor = IMAGE_BYTES * height * width + OVERHEAD
+    raise DoesNotFit(f"{width}x{height} px ({width * height / 1e6:.1f} MP) needs about {format_bytes(best.estimate)} "
+                     f"{'run whole' if best.tile is None else 'in ' + best.layout} (the image's own arrays alone: {format_bytes(floor)}), "
+                     f"over the memory budget of {format_bytes(budget)}: {hint}")

@@ -5,7 +5,7 @@ statistics of the synthetic model applied to the real pairs' own clean targets.
 
 Pairs (../shared/data): LOL v1 (low light), PolyU (camera noise), Rain100L (rain). For each real
 pair the residual r = input - target is measured; for the synthetic side the degradation runs on
-the same target at severities spread over the default range (seeded), and the same statistics are
+the same target at severities spread over the drawn range (seeded), and the same statistics are
 taken. Statistics:
 
     brightness ratio   mean(input) / mean(target)                  (low light: how dark)
@@ -69,20 +69,24 @@ def stats(degraded: np.ndarray, clean: np.ndarray) -> dict:
             "signal slope": slope * 1e4, "streak angle": float(abs(angle)), "streak cover": float((gray > 10 / 255).mean())}
 
 
-def compare(name: str, folder: Path, options: dict) -> dict:
+def compare(name: str, folder: Path, options: dict, severity_range: tuple[float, float]) -> dict:
+    """Statistics of the real pairs, of the synthetic model over the drawn severity range (spread
+    evenly, one severity per pair) and at the range's lowest severity."""
     import degradations
 
+    lo, hi = severity_range
     names = sorted(p.name for p in (folder / "input").iterdir())[:COUNT]
-    real, synthetic = [], []
+    real, synthetic, lowest = [], [], []
     for i, file in enumerate(names):
         degraded, clean = _read(folder / "input" / file), _read(folder / "target" / file)
         real.append(stats(degraded, clean))
-        severity = 0.2 + 0.8 * (i + 0.5) / len(names)
-        fake, _ = degradations.get(name).apply(clean, np.random.default_rng([0, i]), severity, **options)
-        synthetic.append(stats(fake, clean))
+        severity = lo + (hi - lo) * (i + 0.5) / len(names)
+        for severity, into in ((severity, synthetic), (lo, lowest)):
+            fake, _ = degradations.get(name).apply(clean, np.random.default_rng([0, i]), severity, **options)
+            into.append(stats(fake, clean))
     keys = real[0].keys()
-    return {"real": {k: (float(np.mean([r[k] for r in real])), float(np.std([r[k] for r in real]))) for k in keys},
-            "synthetic": {k: (float(np.mean([r[k] for r in synthetic])), float(np.std([r[k] for r in synthetic]))) for k in keys}}
+    summary = lambda rows: {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}  # noqa: E731
+    return {"real": summary(real), "synthetic": summary(synthetic), "lowest": summary(lowest)}
 
 
 def main() -> int:
@@ -91,18 +95,22 @@ def main() -> int:
         return 0
     import yaml
 
-    options = (yaml.safe_load((ROOT / "params.yaml").read_text())["synthesize"].get("options") or {})
+    synthesize = yaml.safe_load((ROOT / "params.yaml").read_text())["synthesize"]
+    options, ranges = synthesize.get("options") or {}, synthesize["severity"]
     lines = ["# Synthetic degradations against real pairs", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs. "
              f"Command: `python benchmarks/degradation_match.py`. First {COUNT} pairs of each set by name; "
-             "the synthetic side degrades the same targets at severities spread over [0.2, 1.0] "
-             "(params.yaml's `synthesize.options`). Mean ± std over the images; see the script's docstring.", ""]
+             "the synthetic side degrades the same targets at severities spread over the range synthesis draws "
+             "(params.yaml's `synthesize.severity` and `synthesize.options`), and at that range's lowest severity. "
+             "Mean ± std over the images; see the script's docstring.", ""]
     for name, rel in PAIRS.items():
-        result = compare(name, DATA / rel, options.get(name, {}))
-        lines += [f"## {name}: `{rel}`", "", "| statistic | real | synthetic |", "|---|---|---|"]
+        lo, hi = ranges[name]
+        result = compare(name, DATA / rel, options.get(name, {}), (lo, hi))
+        lines += [f"## {name}: `{rel}`", "", f"| statistic | real | synthetic, severity {lo}-{hi} | synthetic, severity {lo} |",
+                  "|---|---|---|---|"]
         for key in result["real"]:
-            r, s = result["real"][key], result["synthetic"][key]
-            lines.append(f"| {key} | {r[0]:.3f} ± {r[1]:.3f} | {s[0]:.3f} ± {s[1]:.3f} |")
+            cells = " | ".join(f"{result[c][key][0]:.3f} ± {result[c][key][1]:.3f}" for c in ("real", "synthetic", "lowest"))
+            lines.append(f"| {key} | {cells} |")
         lines.append("")
         print(name, {k: (round(result['real'][k][0], 3), round(result['synthetic'][k][0], 3)) for k in result["real"]})
     out = ROOT / "benchmarks" / "results" / "degradation_match.md"

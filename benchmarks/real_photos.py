@@ -124,9 +124,9 @@ def parse_weights(text: str) -> dict[str, float]:
     """"rain 0.62, noise 0.10; backbone 0.28; keep 0.05" -> {rain: 0.62, ..., keep: 0.05}."""
     out = {}
     for part in re.split(r"[,;]", text):
-        bits = part.strip().rsplit(" ", 1)
-        if len(bits) == 2:
-            out[bits[0]] = float(bits[1])
+        match = re.fullmatch(r"(\w+) ([0-9.]+)", part.strip())   # not "jpeg q90" nor "local tiles of 512 px"
+        if match:
+            out[match[1]] = float(match[2])
     return out
 
 

@@ -426,3 +426,32 @@ def test_add_degradation_grows_the_estimator_and_leaves_everything_else_byte_ide
     with pytest.raises(AbairError, match="unknown degradation"):
         add_degradation("scratches", str(params_path), base=str(base), shards=str(tiny_shards), echo=lambda _: None,
                         save_restorer=save_restorer)
+
+
+def test_add_degradation_with_a_hostile_pair_is_one_error_naming_it_and_publishes_nothing(store, tmp_path, tiny_shards,
+                                                                                         train_params):
+    """--data goes through the one decoding boundary: a truncated PNG among the pairs is one error
+    naming it; nothing appears under --out and the base is untouched."""
+    import cv2
+
+    from tasks.registry.add_degradation import add_degradation
+
+    base = make_components(tmp_path / "base", seed=3)
+    base_hashes = {p.relative_to(base).as_posix(): file_sha256(p) for p in base.rglob("*.safetensors")}
+    pairs = tmp_path / "pairs"
+    good = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))[1].tobytes()
+    for side in ("input", "target"):
+        (pairs / side).mkdir(parents=True)
+        for name in ("a.png", "b.png"):
+            (pairs / side / name).write_bytes(good)
+    (pairs / "input" / "b.png").write_bytes(good[: len(good) // 2])   # truncated
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(copy.deepcopy(train_params)))
+    out = tmp_path / "with-noise"
+    with pytest.raises(AbairError) as caught:
+        add_degradation("noise", str(params_path), data=str(pairs), base=str(base), out=str(out), shards=str(tiny_shards),
+                        reports=str(tmp_path / "reports"), register=False, progress=False, echo=lambda _: None,
+                        save_restorer=save_restorer)
+    assert str(caught.value).startswith(f"{pairs / 'input' / 'b.png'}: ")
+    assert not out.exists()
+    assert {p.relative_to(base).as_posix(): file_sha256(p) for p in base.rglob("*.safetensors")} == base_hashes

@@ -218,7 +218,9 @@ def test_sources_of_adapters_are_read_from_their_files(tmp_path, tiny_shards, tr
     train_adapter(train_params["adapters"], "noise", backbone_path=str(trained_backbone), shards=str(tiny_shards),
                   out_dir=str(adapters), reports=str(tmp_path / "reports"), progress=False)
     (source,) = adapter_sources(sorted(adapters.glob("*.safetensors")))
-    assert source["name"] == "noise" and source["data"] is None and source["severity"] == train_params["adapters"]["severity"]
+    # the range the job drew from: adapters.severity, or its per_degradation override
+    assert source["name"] == "noise" and source["data"] is None
+    assert source["severity"] == job_config(train_params["adapters"], "noise")["severity"] == [0.1, 1.0]
 
 
 def test_two_process_gloo_ddp_keeps_replicas_in_sync(tmp_path, tiny_shards, train_params):

@@ -159,3 +159,31 @@ def test_cli_takes_the_memory_budget_and_auto_is_the_default(tmp_path, model_dir
     assert cv2.imread(str(tmp_path / "o" / "p.png")) is not None
     with pytest.raises(SystemExit):
         main(["restore", "--model", str(model_dir), "--tiling", "approx", str(path)])
+
+
+def test_the_pyfunc_plans_under_its_memory_budget(model_dir):  # noqa: F811
+    """The pyfunc's model_config takes memory_budget and tiling like `abair restore`: an image no
+    tiling fits is one ValueError naming its index; the rest restore as with --tiling auto."""
+    from types import SimpleNamespace
+
+    from tasks.serve import inference
+    from tasks.serve.pyfunc import RestorerModel
+
+    def model(**config):
+        loaded = RestorerModel()
+        loaded.load_context(SimpleNamespace(artifacts={"backbone": str(model_dir / "backbone.safetensors"),
+                                                       "adapters": str(model_dir / "adapters"),
+                                                       "estimator": str(model_dir / "estimator.safetensors")},
+                                            model_config={"device": "cpu", **config}))
+        return loaded
+
+    small, big = ((ramp(h, w, seed=h) * 255).astype(np.uint8) for h, w in ((24, 32), (300, 400)))
+    tight = model(memory_budget=memory.estimate(DIM, 24, 32, "whole", None) + 1)
+    assert tight.predict(None, small).shape == small.shape
+    with pytest.raises(ValueError, match=r"^image 1: 400x300 px .* over the memory budget"):
+        tight.predict(None, [small, big])
+    auto = model(max_pixels=72 * 72)
+    exact, _ = inference.restore_rgb(auto.restorer, small.astype(np.float32) / 255.0, "sw", 72 * 72, "exact")
+    assert np.array_equal(auto.predict(None, small), restore.to_stored(exact, np.uint8))
+    with pytest.raises(ValueError, match="tiling"):
+        model(tiling="approx")

@@ -37,3 +37,34 @@ def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | N
     out = restored[0].permute(1, 2, 0).float().cpu().numpy()
     used = {} if weights is None else {n: float(w) for n, w in zip(restorer.weight_names, weights[0].cpu().tolist())}
     return out, used
+
+
+def planar_float_rgb(raw: np.ndarray) -> np.ndarray:
+    """imageio.to_float_rgb's image as an HxWx3 view of a 3xHxW array: the network's layout, so
+    restore_rgb hands it to torch without a copy (a large image's one float copy is 12 bytes/px)."""
+    height, width = raw.shape[:2]
+    planes = np.empty((3, height, width), np.float32)
+    scale = {np.dtype(np.uint8): 1.0 / 255.0, np.dtype(np.uint16): 1.0 / 65535.0}.get(raw.dtype)
+    for c in range(3):
+        channel = raw if raw.ndim == 2 else raw[:, :, c]
+        np.copyto(planes[c], channel, casting="unsafe")
+        if scale is not None:
+            planes[c] *= scale
+        elif raw.dtype != np.bool_:
+            np.clip(planes[c], 0.0, 1.0, out=planes[c])
+    return planes.transpose(1, 2, 0)
+
+
+def to_stored(img: np.ndarray, dtype: np.dtype, rows: int = 256) -> np.ndarray:
+    """float [0, 1] -> the input's sample type, rounded; `rows` at a time, so the float
+    temporaries stay small beside a large image."""
+    if dtype not in (np.uint8, np.uint16):
+        return np.clip(img, 0.0, 1.0, dtype=np.float32)
+    scale = 255.0 if dtype == np.uint8 else 65535.0
+    out = np.empty(img.shape, dtype)
+    for top in range(0, img.shape[0], rows):
+        band = np.clip(img[top:top + rows], 0.0, 1.0)
+        band *= scale
+        band += 0.5
+        out[top:top + rows] = band
+    return out

@@ -23,15 +23,19 @@ import numpy as np
 
 from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
-from tasks.serve.inference import DEFAULT_MAX_PIXELS, load_restorer, restore_rgb
+from tasks.serve import memory
+from tasks.serve.inference import DEFAULT_MAX_PIXELS, load_restorer, planar_float_rgb, restore_rgb, to_stored
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the model class imports at load and predict time: bundled beside the whole `models`
 # package, and nothing else of `tasks` (no training, evaluation or registry code in a model).
 SERVING_CODE = ("tasks/__init__.py", "tasks/core/__init__.py", "tasks/core/errors.py", "tasks/core/device.py",
                 "tasks/core/components.py", "tasks/core/paths.py", "tasks/serve/__init__.py", "tasks/serve/inference.py",
-                "tasks/serve/pyfunc.py")
-DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": DEFAULT_MAX_PIXELS, "tiling": "exact"}
+                "tasks/serve/memory.py", "tasks/serve/pyfunc.py")
+# tiling auto: exact where it fits memory_budget, else local; an image no tiling fits is refused
+# (tasks/serve/memory.py, as `abair restore` does)
+DEFAULT_CONFIG = {"mode": "sw", "device": "auto", "max_pixels": DEFAULT_MAX_PIXELS, "tiling": "auto",
+                  "memory_budget": "2GB"}
 # What the model folder needs at load time besides its bundled code (versions as in pyproject).
 PIP_REQUIREMENTS = ["torch==2.13.0", "mlflow==3.17.2", "safetensors>=0.4", "numpy>=1.26", "opencv-python-headless>=4.9",
                     "boto3>=1.34"]
@@ -60,6 +64,9 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         self.mode = config["mode"]
         self.max_pixels = config["max_pixels"]
         self.tiling = config["tiling"]
+        self.memory_budget = memory.parse_bytes(config.get("memory_budget"))
+        if self.tiling not in memory.TILINGS:
+            raise ValueError(f"tiling must be one of {memory.TILINGS}, got {self.tiling!r}")
         self.restorer = load_restorer(context.artifacts["backbone"], context.artifacts["adapters"],
                                       context.artifacts["estimator"], config["device"])
 
@@ -77,8 +84,14 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"image {i}: expected uint8 HxWx3, got {image.dtype} {image.shape}")
             if min(image.shape[:2]) < 2:
                 raise ValueError(f"image {i}: {image.shape[1]}x{image.shape[0]} is too small to restore (2x2 at least)")
-            restored, _ = restore_rgb(self.restorer, image.astype(np.float32) / 255.0, mode, self.max_pixels, self.tiling)
-            outputs.append((np.clip(restored, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+            try:
+                plan = memory.plan(self.restorer.backbone.config.dim, *image.shape[:2], memory.tile_side(self.max_pixels),
+                                   self.tiling, self.memory_budget)
+            except memory.DoesNotFit as exc:
+                raise ValueError(f"image {i}: {exc}") from None
+            restored, _ = restore_rgb(self.restorer, planar_float_rgb(image), mode, self.max_pixels,
+                                      "exact" if plan.tiling == "whole" else plan.tiling)
+            outputs.append(to_stored(restored, np.uint8))
         return outputs[0] if single else outputs
 
 

@@ -285,3 +285,47 @@ def test_shards_hold_grey_crops(tiny_shards, tmp_path, project_params, photos):
     grey = [s for s in samples if np.array_equal(s["clean"][..., 0], s["clean"][..., 1])
             and np.array_equal(s["clean"][..., 1], s["clean"][..., 2])]
     assert 8 <= len(grey) <= 32, len(grey)  # about half of the 40
+
+
+def test_keep_cache_restores_a_share_with_a_misapplied_adapter():
+    """With p_misapplied = 1 every cached sample is restored by one adapter alone (drawn at
+    random), so its served error at keep 0 is that adapter's; with 0, the estimator's blend's."""
+    from torch.utils.data import IterableDataset
+
+    from models.adapters import AdapterBank
+    from models.backbone import build_backbone
+    from models.estimator import Estimator
+    from tasks.train.estimator import keep_cache
+
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny").eval()
+    bank = AdapterBank(backbone, "lora")
+    for name in ("noise", "rain"):
+        bank.add(name)
+    with torch.no_grad():
+        for p_name, p in backbone.named_parameters():
+            if "lora" in p_name.lower() and ".rain" in p_name:
+                p.normal_(0, 0.5)           # rain's adapter changes the output, noise's does nothing
+    estimator = Estimator(2, width=8, crops=1, crop_size=16, view_size=16, do_no_harm=True, class_names=["noise", "rain"])
+    gen = torch.Generator().manual_seed(1)
+    items = [(torch.rand(3, 24, 24, generator=gen), torch.rand(3, 24, 24, generator=gen), torch.zeros(3)) for _ in range(8)]
+
+    class Fixed(IterableDataset):
+        segment = 0
+
+        def __iter__(self):
+            return iter(items)
+
+    def error_alone(name):
+        with torch.no_grad(), bank.weights(torch.tensor([[1.0 if n == name else 0.0 for n in bank.names]] * 8)):
+            restored = backbone(torch.stack([d for d, _, _ in items])).clamp(0, 1)
+        return (restored - torch.stack([c for _, c, _ in items])).pow(2).flatten(1).mean(1)
+
+    _, quadratic = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
+                              torch.device("cpu"), False, p_misapplied=1.0, seed=0)
+    alone = torch.stack([error_alone("noise"), error_alone("rain")])
+    assert not torch.allclose(alone[0], alone[1])
+    assert all(bool(torch.isclose(quadratic[i, 2], alone[:, i], rtol=1e-4).any()) for i in range(8))
+    _, blended = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
+                            torch.device("cpu"), False, p_misapplied=0.0, seed=0)
+    assert not all(bool(torch.isclose(blended[i, 2], alone[:, i], rtol=1e-4).any()) for i in range(8))

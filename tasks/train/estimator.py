@@ -333,7 +333,8 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     stream.transform.p_gray = float(cfg.get("keep_p_gray", stream.transform.p_gray))
     stream.seed = cfg["seed"] + 2
     features, quadratic = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
-                                     stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress)
+                                     stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress,
+                                     float(cfg.get("p_keep_misapplied", 0.0)), cfg["seed"])
     check_frozen(backbone, backbone_fp, backbone_path, "keep")
     held = max(1, int(round(len(features) * float(cfg.get("keep_holdout", 0.2)))))
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg["seed"]))
@@ -359,13 +360,18 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
 
 @torch.no_grad()
 def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
-               stream: reader.ShardStream, samples: int, batch: int, device: torch.device, progress: bool):
+               stream: reader.ShardStream, samples: int, batch: int, device: torch.device, progress: bool,
+               p_misapplied: float = 0.0, seed: int = 0):
     """(N x 2F features of each input and of its restoration, N x 3 keep_quadratic): what the keep
     head sees and what its loss needs, for N = `samples` samples of `stream` restored by the frozen
-    system in SW mode. The restoration runs on each sample's central `crop`."""
+    system in SW mode. The restoration runs on each sample's central `crop`. A share
+    `p_misapplied` is restored with one adapter drawn at random instead of the estimator's blend:
+    what an adapter does to an image it was not made for, which the estimator's own (mostly right)
+    choices on synthetic samples rarely show, and which keep must recognise."""
     from tqdm import tqdm
 
     columns = [bank.names.index(n) for n in names]
+    draws = torch.Generator().manual_seed(seed + 4)
     estimator.eval()
     loader = reader.SegmentedLoader(stream, batch, segment_steps=10 ** 9)
     features, quadratic = [], []
@@ -374,6 +380,10 @@ def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, 
                                         unit="batch", disable=not progress, leave=False):
         degraded, clean = degraded.to(device).float(), clean.to(device).float()
         weights = estimator.weights(degraded, "sw", temperature)
+        if p_misapplied > 0:
+            misapplied = torch.rand(len(weights), generator=draws) < p_misapplied
+            drawn = F.one_hot(torch.randint(0, len(names), (len(weights),), generator=draws), weights.shape[1])
+            weights = torch.where(misapplied[:, None].to(weights.device), drawn.to(weights), weights)
         if crop:
             h, w = degraded.shape[-2:]
             y0, x0 = max(h - crop, 0) // 2, max(w - crop, 0) // 2

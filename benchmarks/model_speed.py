@@ -30,18 +30,9 @@ from models.adapters import AdapterBank  # noqa: E402
 from models.backbone import SIZES, build_backbone  # noqa: E402
 from models.estimator import Estimator  # noqa: E402
 from models.restorer import Restorer, param_counts  # noqa: E402
+from benchmarks._machine import cpu_name  # noqa: E402
 
 DEGRADATIONS = ["rain", "haze", "noise", "blur", "lowlight"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def with_adapters(model, kind: str):
@@ -306,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},

@@ -80,8 +80,8 @@ def compare(name: str, folder: Path, options: dict, severity_range: tuple[float,
     for i, file in enumerate(names):
         degraded, clean = _read(folder / "input" / file), _read(folder / "target" / file)
         real.append(stats(degraded, clean))
-        severity = lo + (hi - lo) * (i + 0.5) / len(names)
-        for severity, into in ((severity, synthetic), (lo, lowest)):
+        spread = lo + (hi - lo) * (i + 0.5) / len(names)
+        for severity, into in ((spread, synthetic), (lo, lowest)):
             fake, _ = degradations.get(name).apply(clean, np.random.default_rng([0, i]), severity, **options)
             into.append(stats(fake, clean))
     keys = real[0].keys()

@@ -106,7 +106,8 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     name = "restore_memory" + (f"_{args.tag}" if args.tag else "")
     for row in rows:
-        row.pop("output") if row["returncode"] == 0 else None
+        if row["returncode"] == 0:   # a failure's output stays in the JSON, to say why
+            row.pop("output")
     (results / f"{name}.json").write_text(json.dumps({**info, "rows": rows}, indent=2))
     lines = [f"# `abair restore` memory and time per image ({args.tiling} tiling, budget {args.memory_budget})", "",
              f"{info['date']}, {info['machine']}, model `{args.model}`. Command: `{info['command']}`.", "",

@@ -43,7 +43,11 @@ class Plan:
     tiling: str            # "whole" (fits in one tile), "exact" or "local"
     tile: int | None       # tile side in pixels (None: whole)
     estimate: int          # bytes
-    budget: int | None
+
+    @property
+    def restore_tiling(self) -> str:
+        """The `tiling` Restorer.restore takes for this plan (a whole image needs no tiles)."""
+        return "exact" if self.tiling == "whole" else self.tiling
 
     @property
     def layout(self) -> str:
@@ -84,10 +88,15 @@ def network_bytes(dim: int, pixels: int, floats: int) -> int:
     return 4 * floats * dim * pixels
 
 
+def image_bytes(height: int, width: int) -> int:
+    """What a restore holds for the image itself, whatever the tiling."""
+    return IMAGE_BYTES * height * width + OVERHEAD
+
+
 def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None) -> int:
     """Peak bytes a restore adds for an image of height x width with this tiling."""
     pixels = height * width
-    image = IMAGE_BYTES * pixels + OVERHEAD
+    image = image_bytes(height, width)
     if tile is None or (height <= tile and width <= tile):
         return image + network_bytes(dim, pixels, WHOLE_FLOATS)
     tile_run = network_bytes(dim, tile * tile, WHOLE_FLOATS)
@@ -107,7 +116,7 @@ def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "aut
         choices = ["whole"]
     else:
         choices = ["exact", "local"] if tiling == "auto" else [tiling]
-    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile), budget) for c in choices]
+    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile)) for c in choices]
     for candidate in plans:
         if budget is None or candidate.estimate <= budget:
             return candidate
@@ -117,7 +126,13 @@ def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "aut
         hint += ", or set a tile budget (--max-pixels)"
     elif tiling == "exact":
         hint += " or use --tiling local"
-    floor = IMAGE_BYTES * height * width + OVERHEAD
+    floor = image_bytes(height, width)
     raise DoesNotFit(f"{width}x{height} px ({width * height / 1e6:.1f} MP) needs about {format_bytes(best.estimate)} "
                      f"{'run whole' if best.tile is None else 'in ' + best.layout} (the image's own arrays alone: {format_bytes(floor)}), "
                      f"over the memory budget of {format_bytes(budget)}: {hint}")
+
+
+def plan_restore(restorer, height: int, width: int, max_pixels: int | None, tiling: str = "auto",
+                 budget: int | None = DEFAULT_BUDGET) -> Plan:
+    """`plan` for a Restorer (its backbone's width) and the tile side its pixel budget gives."""
+    return plan(restorer.backbone.config.dim, height, width, tile_side(max_pixels), tiling, budget)

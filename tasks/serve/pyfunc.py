@@ -85,12 +85,11 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
             if min(image.shape[:2]) < 2:
                 raise ValueError(f"image {i}: {image.shape[1]}x{image.shape[0]} is too small to restore (2x2 at least)")
             try:
-                plan = memory.plan(self.restorer.backbone.config.dim, *image.shape[:2], memory.tile_side(self.max_pixels),
-                                   self.tiling, self.memory_budget)
+                plan = memory.plan_restore(self.restorer, *image.shape[:2], self.max_pixels, self.tiling,
+                                           self.memory_budget)
             except memory.DoesNotFit as exc:
                 raise ValueError(f"image {i}: {exc}") from None
-            restored, _ = restore_rgb(self.restorer, planar_float_rgb(image), mode, self.max_pixels,
-                                      "exact" if plan.tiling == "whole" else plan.tiling)
+            restored, _ = restore_rgb(self.restorer, planar_float_rgb(image), mode, self.max_pixels, plan.restore_tiling)
             outputs.append(to_stored(restored, np.uint8))
         return outputs[0] if single else outputs
 

@@ -278,8 +278,7 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
                 fit(restorer, job.source, declared[1], declared[0], max_pixels, tiling, budget)
             source = decode_image(data, job.source, max_image_pixels)
             chosen = fit(restorer, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget)
-            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels,
-                                            "exact" if chosen.tiling == "whole" else chosen.tiling)
+            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels, chosen.restore_tiling)
             encoded = encode_like(restored, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
         except AbairError as exc:
@@ -309,7 +308,7 @@ def fit(restorer, name: str, height: int, width: int, max_pixels: int | None, ti
         budget: int | None) -> memory.Plan:
     """The memory plan for one image (tasks/serve/memory.py), or the AbairError naming it."""
     try:
-        return memory.plan(restorer.backbone.config.dim, height, width, memory.tile_side(max_pixels), tiling, budget)
+        return memory.plan_restore(restorer, height, width, max_pixels, tiling, budget)
     except memory.DoesNotFit as exc:
         raise AbairError(name, str(exc)) from None
 

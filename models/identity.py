@@ -110,4 +110,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     recorded = metadata.get("fingerprint")
     if recorded is not None and recorded != fingerprint(model):
         raise CheckpointError(path, f"weights do not match the recorded fingerprint {recorded} (corrupt file?)")
+    if config.seg_classes and "classes" in metadata:
+        # what each channel of the segmentation head stands for (the pixel-wise mode's `seg` source)
+        model.seg_class_names = list(metadata_json(path, metadata, "classes"))
     return model.to(device)

@@ -18,6 +18,15 @@ runs the network on overlapping tiles blended with raised-cosine ramps: memory i
 the image size, but each tile's channel attention sees only that tile, so results differ slightly
 (no seams). Either way the estimator sees the whole image once, so every tile uses the same
 adapter weights.
+
+Mode "pw" (pixel-wise) gives every pixel its own weights: a B x (K+1) x h x w map, from the
+estimator's dense head (source "dense") or from the Phase I segmentation head's per-pixel
+probabilities (source "seg": one more backbone pass), or the caller's map (the pixel-wise oracle).
+LoRA's delta is linear in the weights, so the per-pixel blend is exact:
+`W x + sum_k w_k(p) scale_k B_k A_k x(p)` at every pixel p, with the map resized (bilinear) to the
+image and area-averaged to each level (models.adapters.base.PixelWeights). It cannot be merged, so
+it runs the per-sample path. The map is kept at its own (low) resolution and resized only for the
+pixels that run: a tile of local tiling resizes its own window, so no image-sized map is held.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.adapters import AdapterBank
 from models.backbone import SIZE_MULTIPLE, Backbone
@@ -35,16 +45,23 @@ from models.estimator import Estimator
 from models.identity import restoration_state_dict
 from models.tiling import DEFAULT_OVERLAP, tiled_apply
 
-MODES = ("sw", "oh", "oracle", "none")
+MODES = ("sw", "oh", "oracle", "none", "pw")
 TILINGS = ("exact", "local")
+PW_SOURCES = ("dense", "seg")
+SEG_MAP_FACTOR = 8   # the seg source's map is area-averaged over 8x8 pixels: smooth, so regions meet without seams
 
 
 class Restorer(nn.Module):
     def __init__(self, backbone: Backbone, bank: AdapterBank | None = None, estimator: Estimator | None = None,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, pw_source: str | None = None):
         """`names`: the adapter each weight column stands for (the estimator's output order);
-        defaults to the estimator's class names, else the bank's order."""
+        defaults to the estimator's class names, else the bank's order. `pw_source`: where mode
+        "pw" takes its map by default ("dense" or "seg"; None: dense when the estimator has a dense
+        head, else seg when the backbone kept its segmentation head)."""
         super().__init__()
+        if pw_source is not None and pw_source not in PW_SOURCES:
+            raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {pw_source!r}")
+        self.pw_source = pw_source
         if bank is not None and bank.backbone is not backbone:
             raise ValueError("the adapter bank belongs to another backbone")
         self.backbone = backbone
@@ -64,10 +81,11 @@ class Restorer(nn.Module):
     # -- weights -----------------------------------------------------------------------------
 
     def _to_bank_columns(self, weights: torch.Tensor) -> torch.Tensor:
-        """B x len(names) -> B x len(bank.names) (bank order; adapters not in `names` get 0)."""
+        """B x len(names) [x H x W] -> B x len(bank.names) [x H x W] (bank order; adapters not in
+        `names` get 0)."""
         if self.names == self.bank.names:
             return weights
-        out = weights.new_zeros(weights.shape[0], len(self.bank))
+        out = weights.new_zeros(weights.shape[0], len(self.bank), *weights.shape[2:])
         out[:, [self.bank.names.index(n) for n in self.names]] = weights
         return out
 
@@ -76,12 +94,16 @@ class Restorer(nn.Module):
         """The columns of the weights `restore` takes and returns: the adapters, then `keep`."""
         return [*self.names, "keep"]
 
-    def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float) -> torch.Tensor | None:
-        """B x (K+1) weights (adapters, keep) for the call, or None for the backbone alone."""
+    def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float,
+                     pw_source: str | None = None) -> torch.Tensor | None:
+        """B x (K+1) weights (adapters, keep) for the call, B x (K+1) x h x w for "pw", or None
+        for the backbone alone."""
         if mode == "none":
             return None
         if self.bank is None or not self.names:
             raise ValueError(f"mode {mode!r} needs an adapter bank with adapters")
+        if mode == "pw":
+            return self._map_for(images, weights, temperature, pw_source)
         if weights is None:
             if mode == "oracle":
                 raise ValueError("mode 'oracle' needs the true adapter weights (weights=...)")
@@ -104,6 +126,102 @@ class Restorer(nn.Module):
             one_hot = torch.nn.functional.one_hot(weights[:, :k].argmax(dim=1), k).float()
             weights = torch.cat([one_hot, keep], dim=1)
         return weights
+
+    # -- pixel-wise weights -----------------------------------------------------------------------
+
+    def resolve_pw_source(self, pw_source: str | None = None) -> str:
+        """The map source a "pw" call uses: the one asked for, else the Restorer's, else what the
+        system has (the estimator's dense head, then the backbone's segmentation head)."""
+        source = pw_source or self.pw_source
+        if source is None:
+            if self.estimator is not None and getattr(self.estimator, "has_dense", False):
+                source = "dense"
+            elif getattr(self.backbone, "seg_head", None) is not None:
+                source = "seg"
+            else:
+                raise ValueError("mode 'pw' needs a weight map: this system has neither an estimator with a dense "
+                                 "head nor a backbone that kept its segmentation head (or pass weights=...)")
+        if source not in PW_SOURCES:
+            raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {source!r}")
+        return source
+
+    def _map_for(self, images: torch.Tensor, weights, temperature: float, pw_source: str | None) -> torch.Tensor:
+        """B x (K+1) x h x w: the caller's map (K or K+1 columns, any h x w; B x (K+1) weights are a
+        constant map) or the map of the pixel-wise source; keep 0 where not given."""
+        b, k = images.shape[0], len(self.names)
+        if weights is None:
+            source = self.resolve_pw_source(pw_source)
+            if source == "dense":
+                if self.estimator is None or not getattr(self.estimator, "has_dense", False):
+                    raise ValueError("pw_source 'dense' needs an estimator with a dense head")
+                weight_map = self.estimator.weight_map(images, temperature).float()
+            else:
+                weight_map = self._seg_map(images, temperature)
+            return weight_map
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
+        if weights.dim() in (1, 2):
+            weights = weights.reshape(-1, weights.shape[-1]).expand(b, -1)[:, :, None, None]
+        if weights.dim() != 4 or weights.shape[0] not in (1, b) or weights.shape[1] not in (k, k + 1):
+            raise ValueError(f"pixel-wise weights must be ({b}, {k} or {k + 1}, h, w) for {self.weight_names}, "
+                             f"got {tuple(weights.shape)}")
+        weights = weights.expand(b, -1, -1, -1)
+        if weights.shape[1] == k:
+            weights = torch.cat([weights, weights.new_zeros(b, 1, *weights.shape[2:])], dim=1)
+        if not bool(((weights >= 0) & (weights <= 1)).all()):
+            raise ValueError("pixel-wise weights must lie in [0, 1]")
+        if bool((weights[:, :k].sum(1) > 1 + 1e-4).any()):
+            raise ValueError("pixel-wise adapter weights must sum to at most one at every pixel")
+        return weights
+
+    @property
+    def seg_class_names(self) -> list[str]:
+        return list(getattr(self.backbone, "seg_class_names", None) or [])
+
+    def _seg_map(self, images: torch.Tensor, temperature: float) -> torch.Tensor:
+        """B x (K+1) x h/8 x w/8 from the Phase I segmentation head (an extra backbone pass,
+        without adapters): its per-pixel multi-label probabilities in the adapter columns of the
+        classes it knows, the estimator's image-level weight in the others (degradations added
+        after Phase I), scaled down where they sum above one; area-averaged over 8x8 pixels."""
+        if getattr(self.backbone, "seg_head", None) is None:
+            raise ValueError("pw_source 'seg' needs the backbone's segmentation head (load the system with keep_seg_head=True)")
+        classes = self.seg_class_names
+        if not classes:
+            raise ValueError("the backbone does not say which classes its segmentation head predicts")
+        k = len(self.names)
+        with self.bank.weights(None):
+            _, seg_logits = self.backbone(images, with_seg=True)
+        probs = F.avg_pool2d(torch.sigmoid(seg_logits.float()), SEG_MAP_FACTOR, ceil_mode=True)   # B x S x h x w
+        columns = probs.new_zeros(images.shape[0], k, *probs.shape[2:])
+        unseen = [i for i, n in enumerate(self.names) if n not in classes]
+        for i, name in enumerate(self.names):
+            if name in classes:
+                columns[:, i] = probs[:, classes.index(name)]
+        if unseen:
+            if self.estimator is None:
+                raise ValueError(f"adapters {[self.names[i] for i in unseen]} have no segmentation class and no estimator")
+            image_level = self.estimator.weights(images, "sw", temperature).float()[:, :k]
+            columns[:, unseen] = image_level[:, unseen, None, None]
+        columns = columns / columns.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.cat([columns, columns.new_zeros(columns.shape[0], 1, *columns.shape[2:])], dim=1)
+
+    def _run_pixelwise(self, images: torch.Tensor, weight_map: torch.Tensor, side: int | None,
+                       tiling: str, overlap: int) -> torch.Tensor:
+        """The network with per-pixel adapter weights; each run (the image, or a tile of local
+        tiling) resizes its own window of the map, padded as the backbone pads the image."""
+        adapter_map = self._to_bank_columns(weight_map[:, :len(self.names)])
+        h, w = images.shape[-2:]
+
+        def run(x: torch.Tensor, rows: slice, cols: slice, tile: int | None = None) -> torch.Tensor:
+            window = map_window(adapter_map, (h, w), rows, cols, SIZE_MULTIPLE)
+            with self.bank.weights(window):
+                return self.backbone(x, tile=tile)
+
+        everything = (slice(0, h), slice(0, w))
+        if side is None or (h <= side and w <= side):
+            return run(images, *everything)
+        if tiling == "exact":
+            return run(images, *everything, tile=side)
+        return tiled_apply(lambda crop, where: run(crop, *where), images, side, overlap, with_window=True)
 
     @contextlib.contextmanager
     def _adapters(self, weights: torch.Tensor | None, mode: str):
@@ -137,9 +255,13 @@ class Restorer(nn.Module):
 
     def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float = 1.0,
                 tile: int | None = None, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP,
-                tiling: str = "exact") -> tuple[torch.Tensor, torch.Tensor | None]:
+                tiling: str = "exact", pw_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used
-        B x (K+1) in `weight_names` order, or None for mode "none").
+        B x (K+1) in `weight_names` order, or None for mode "none"; for mode "pw" the B x (K+1) x
+        h x w map used, at its own resolution: weights_summary() gives per-image means).
+
+        Mode "pw": weights=None takes the map from `pw_source` (see resolve_pw_source); weights may
+        be a B x K or B x (K+1) x h x w map (the pixel-wise oracle), resized to the image.
 
         tile: tile side in pixels; max_pixels: a per-tile pixel budget the tile side is derived
         from (ignored when `tile` is given). Images that fit in one tile run whole. tiling:
@@ -148,6 +270,8 @@ class Restorer(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if pw_source is not None and pw_source not in PW_SOURCES:
+            raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {pw_source!r}")
         if tiling not in TILINGS:
             raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -157,29 +281,81 @@ class Restorer(nn.Module):
         try:
             with torch.no_grad():
                 images = images.float()
-                used = self._weights_for(images, mode, weights, temperature)
+                used = self._weights_for(images, mode, weights, temperature, pw_source)
                 side = tile_side(tile, max_pixels, overlap if tiling == "local" else 0)
                 h, w = images.shape[-2:]
-                with self._adapters(used, mode):
-                    if side is None or (h <= side and w <= side):
-                        out = self.backbone(images)
-                    elif tiling == "exact":
-                        out = self.backbone(images, tile=side)
-                    else:
-                        out = tiled_apply(self.backbone, images, side, overlap)
+                if mode == "pw":
+                    out = self._run_pixelwise(images, used, side, tiling, overlap)
+                else:
+                    with self._adapters(used, mode):
+                        if side is None or (h <= side and w <= side):
+                            out = self.backbone(images)
+                        elif tiling == "exact":
+                            out = self.backbone(images, tile=side)
+                        else:
+                            out = tiled_apply(self.backbone, images, side, overlap)
                 out = out.clamp_(0.0, 1.0)
                 if used is not None and weights is None and self.estimator is not None \
                         and self.estimator.keep_head is not None:
                     # the estimator's keep looks at the input and at what the network made of it
+                    # (image level: in "pw" the same keep at every pixel)
                     used = used.clone()
-                    used[:, -1] = self.estimator.keep(images, out)[:, 0]
+                    used[:, -1] = self.estimator.keep(images, out)[:, 0].view(-1, *([1] * (used.dim() - 2)))
                 if used is not None and bool((used[:, -1] > 0).any()):
-                    keep = used[:, -1].view(-1, 1, 1, 1).to(out.dtype)
-                    out = out.lerp_(images, keep)   # in place: a large image has no second output copy
+                    out = out.lerp_(images, keep_for(used, (h, w)).to(out.dtype))   # in place: no second output copy
         finally:
             for module, training in modes.items():
                 module.training = training
         return out, used
+
+
+def weights_summary(used: torch.Tensor | None) -> torch.Tensor | None:
+    """B x (K+1) per-image weights: the mean over the pixels of a pixel-wise map (B x (K+1) x h x w);
+    image-level weights (B x (K+1)) and None pass through."""
+    if used is None or used.dim() == 2:
+        return used
+    return used.float().mean(dim=(2, 3))
+
+
+def keep_for(used: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The keep column of the weights as a B x 1 x 1 x 1 factor, or B x 1 x H x W when a map's keep
+    varies over the pixels (resized to the image)."""
+    keep = used[:, -1:]
+    if used.dim() == 2:
+        return keep.view(-1, 1, 1, 1)
+    flat = keep.flatten(1)
+    if bool((flat == flat[:, :1]).all()):
+        return flat[:, :1].view(-1, 1, 1, 1)
+    return F.interpolate(keep, size=size, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+
+
+def bilinear_rows(out_size: int, in_size: int, rows: torch.Tensor) -> torch.Tensor:
+    """len(rows) x in_size: the rows of the bilinear resize matrix (align_corners=False, as
+    F.interpolate) from in_size to out_size samples, for output positions `rows`."""
+    source = ((rows.double() + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+    low = source.floor().long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = (source - low.double()).float()
+    matrix = torch.zeros(len(rows), in_size)
+    index = torch.arange(len(rows))
+    matrix.index_put_((index, low), 1.0 - frac, accumulate=True)
+    matrix.index_put_((index, high), frac, accumulate=True)
+    return matrix
+
+
+def map_window(weight_map: torch.Tensor, size: tuple[int, int], rows: slice, cols: slice,
+               multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """B x C x h x w map -> its bilinear resize to the image `size` (H, W), cut to rows x cols and
+    padded at the bottom/right to a multiple of `multiple` by repeating the last row and column
+    (the backbone pads the pixels there too). Only the window is computed: a local tile of a huge
+    image never holds the whole resized map."""
+    height, width = size
+    span_y, span_x = rows.stop - rows.start, cols.stop - cols.start
+    ys = torch.arange(rows.start, rows.start + span_y + (-span_y % multiple)).clamp_max(rows.stop - 1)
+    xs = torch.arange(cols.start, cols.start + span_x + (-span_x % multiple)).clamp_max(cols.stop - 1)
+    row_matrix = bilinear_rows(height, weight_map.shape[-2], ys).to(weight_map.device, weight_map.dtype)
+    col_matrix = bilinear_rows(width, weight_map.shape[-1], xs).to(weight_map.device, weight_map.dtype)
+    return row_matrix @ weight_map @ col_matrix.T                           # B x C x rows x cols
 
 
 def tile_side(tile: int | None, max_pixels: int | None, overlap: int = DEFAULT_OVERLAP) -> int | None:

@@ -6,12 +6,14 @@ summation order. Local tiling (tiled_apply) runs a whole network on overlapping 
 with raised-cosine ramps: memory independent of the image size, but each tile sees only itself.
 
 Exact tiling runs a block's parts itself, so adapter layers are seen in two places only: layers
-on the blocks' 1x1 convolutions run per tile like the convolutions they wrap, and a layer on a
-block's `ffn` exposes `adapter_delta(x)`, computed once on the whole map (AdaptIR's FFT is global).
+on the blocks' 1x1 convolutions run per tile like the convolutions they wrap (with per-pixel
+weights, each reads its tile's window of the map: pixel_window), and a layer on a block's `ffn`
+exposes `adapter_delta(x)`, computed once on the whole map (AdaptIR's FFT is global).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -72,9 +74,11 @@ def forward_tiled(block: nn.Module, x: torch.Tensor, side: int) -> torch.Tensor:
             raise NotImplementedError(f"exact tiling cannot run an adapter layer on {type(part.base_layer).__name__}")
     attn = block.attn
     tiles = halo_tiles(x.shape[-2], x.shape[-1], side, halo=1)
+    level = tuple(x.shape[-2:])
 
     def qkv_of(tile: HaloTile) -> list[torch.Tensor]:                     # 3 x B x heads x c x tile pixels
-        return attn.split_heads(attn.qkv_dwconv(attn.qkv(block.norm1(x[tile.region])))[tile.inner])
+        with pixel_window((attn.qkv,), level, tile.region):
+            return attn.split_heads(attn.qkv_dwconv(attn.qkv(block.norm1(x[tile.region])))[tile.inner])
 
     gram = q_sq = k_sq = None
     for tile in tiles:
@@ -88,17 +92,33 @@ def forward_tiled(block: nn.Module, x: torch.Tensor, side: int) -> torch.Tensor:
     for tile in tiles:
         _, _, v = qkv_of(tile)
         b, c, h, w = y[tile.out].shape
-        y[tile.out] = x[tile.out] + attn.project_out((weights.to(v.dtype) @ v).reshape(b, c, h, w))
+        with pixel_window((attn.project_out,), level, tile.out):
+            y[tile.out] = x[tile.out] + attn.project_out((weights.to(v.dtype) @ v).reshape(b, c, h, w))
 
     adapter_delta = getattr(block.ffn, "adapter_delta", None)
     delta = adapter_delta(block.norm2(y)) if adapter_delta is not None else None
     ffn = block.ffn.base_layer if adapter_delta is not None else block.ffn
     out = torch.empty_like(y)
     for tile in tiles:
-        out[tile.out] = y[tile.out] + ffn(block.norm2(y[tile.region]))[tile.inner]
+        with pixel_window(ffn.modules(), level, tile.region):
+            out[tile.out] = y[tile.out] + ffn(block.norm2(y[tile.region]))[tile.inner]
         if delta is not None:
             out[tile.out] += delta[tile.out].to(out.dtype)
     return out
+
+
+@contextlib.contextmanager
+def pixel_window(modules, level: tuple[int, int], where: tuple):
+    """While a tile runs: adapter layers among `modules` read their per-pixel weights at `where`
+    (an index into their level of size `level`), not at the whole level."""
+    layers = [m for m in modules if hasattr(m, "window") and getattr(m, "wraps_base_layer", False)]
+    for layer in layers:
+        layer.window = (level, where)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.window = None
 
 
 def block_runner(tile: int, level1_width: int) -> BlockRunner:
@@ -154,8 +174,11 @@ def _ramps(size: int, tile: int, overlap: int, device) -> list[tuple[int, int, t
     return out
 
 
-def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
-    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image.
+def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP,
+                with_window: bool = False) -> torch.Tensor:
+    """fn over overlapping tile x tile crops of B x C x H x W images, blended into one image;
+    with_window: fn(crop, (rows, cols)) is told where the crop lies (slices), e.g. to crop a
+    per-pixel weight map the same way.
 
     The tile weights are outer products of 1-D ramps on a grid of rows and columns, so their sum
     over the tiles is the outer product of the 1-D sums: the image-sized arrays are the output alone."""
@@ -166,7 +189,9 @@ def tiled_apply(fn, images: torch.Tensor, tile: int, overlap: int = DEFAULT_OVER
     for y, th, wy in rows:
         for x, tw, wx in cols:
             window = wy[:, None] * wx[None, :]                                     # th x tw
-            out[:, :, y:y + th, x:x + tw] += fn(images[:, :, y:y + th, x:x + tw]).float() * window
+            crop = images[:, :, y:y + th, x:x + tw]
+            restored = fn(crop, (slice(y, y + th), slice(x, x + tw))) if with_window else fn(crop)
+            out[:, :, y:y + th, x:x + tw] += restored.float() * window
     for top in range(0, h, tile):   # divide a band of rows at a time: no image-sized weight map
         band = slice(top, top + tile)
         out[:, :, band] /= total_y[band, None] * total_x[None, :]

@@ -16,8 +16,8 @@ from importlib import import_module
 from typing import Sequence
 
 from models.adapters.bank import AdapterBank, read_adapter_metadata, read_adapter_options
-from models.adapters.base import (AdapterKind, AdapterLayer, AdapterOptions, MergeableLayer, get_kind, kind_names,
-                                  register_kind)
+from models.adapters.base import (AdapterKind, AdapterLayer, AdapterOptions, MergeableLayer, PixelWeights, get_kind,
+                                  kind_names, register_kind)
 from models.checkpoint import AdapterError
 
 _KIND_MODULES = (
@@ -40,5 +40,5 @@ def load_kind_modules(module_paths: Sequence[str]) -> list[str]:
     return kind_names()
 
 
-__all__ = ["AdapterBank", "AdapterKind", "AdapterLayer", "AdapterOptions", "MergeableLayer", "get_kind",
+__all__ = ["AdapterBank", "AdapterKind", "AdapterLayer", "AdapterOptions", "MergeableLayer", "PixelWeights", "get_kind",
            "kind_names", "load_kind_modules", "read_adapter_metadata", "read_adapter_options", "register_kind"]

@@ -138,13 +138,17 @@ class AdaptIRLayer(AdapterLayer):
         """sum_k w[b, k] * adapter_k(x) over the active adapters (None when there are none)."""
         if self.adapter_weights is None or not self.active_adapters:
             return None
-        weights = self.adapter_weights.to(x.device, non_blocking=True)
+        # per-pixel weights (B x K x H x W) scale each adapter's output at every pixel; AdaptIR's
+        # delta is computed on the whole level (its FFT is global), so no tiling window applies
+        weights = self.pixel_weights(x) if self.per_pixel else self.adapter_weights
+        weights = weights.to(x.device, non_blocking=True)
         adapters = [self.adapters[name] for name in self.active_adapters]
         if len({(a.hidden, a.kernel_size) for a in adapters}) == 1:
             return stacked_adapters(x, adapters, weights)
         delta = 0
         for k, adapter in enumerate(adapters):  # mixed widths: one call each
-            delta = delta + weights[:, k, None, None, None].to(x.dtype) * adapter(x)
+            w = weights[:, k:k + 1] if weights.dim() == 4 else weights[:, k, None, None, None]
+            delta = delta + w.to(x.dtype) * adapter(x)
         return delta
 
 
@@ -159,7 +163,8 @@ def _stacked_mlp(x: torch.Tensor, mlps: list[nn.Sequential]) -> torch.Tensor:
 
 
 def stacked_adapters(x: torch.Tensor, adapters: list[AdaptIRAdapter], weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[:, k] * adapters[k](x), all K adapters at once.
+    """sum_k weights[:, k] * adapters[k](x), all K adapters at once (weights B x K, or B x K x H x W
+    per pixel).
 
     The same maths as AdaptIRAdapter.forward, with the K adapters' tensors concatenated along
     the channels: one 1x1 conv in, one depthwise conv, one FFT, grouped convs for the per-adapter
@@ -195,7 +200,12 @@ def stacked_adapters(x: torch.Tensor, adapters: list[AdaptIRAdapter], weights: t
                                              cat(lambda a: a.local_gate.bias).to(dt), groups=k))   # B x K x H x W
     mixed = global_to_local[..., None, None] * local5 + local_to_global[:, :, None] * global5    # B x K x h x H x W
 
-    # per-sample adapter weights ride on the channel gates, then one projection sums the adapters
-    gates = channel * weights.to(channel.dtype)[:, :, None]                       # B x K x h
-    mixed = (mixed * gates[..., None, None]).reshape(b, k * hid, h, w)
+    # per-sample adapter weights ride on the channel gates, then one projection sums the adapters;
+    # per-pixel weights (B x K x H x W) scale each adapter's maps at every pixel instead
+    if weights.dim() == 4:
+        mixed = mixed * channel[..., None, None] * weights.to(dt)[:, :, None]
+        mixed = mixed.reshape(b, k * hid, h, w)
+    else:
+        gates = channel * weights.to(channel.dtype)[:, :, None]                   # B x K x h
+        mixed = (mixed * gates[..., None, None]).reshape(b, k * hid, h, w)
     return F.conv2d(mixed, torch.cat([a.project_out.weight for a in adapters], dim=1).to(dt))   # B x C x H x W

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from models.adapters.base import AdapterKind, AdapterLayer, AdapterOptions, get_kind
+from models.adapters.base import AdapterKind, AdapterLayer, AdapterOptions, PixelWeights, get_kind
 from models.checkpoint import AdapterError, check_tensors, merge_metadata, read_checkpoint, save_atomic
 from models.identity import fingerprint
 
@@ -156,12 +156,14 @@ class AdapterBank:
     # -- per-sample weights ------------------------------------------------------------------
 
     def set_weights(self, weights: torch.Tensor | Sequence[float] | None) -> None:
-        """Per-sample adapter weights for the following forward passes.
+        """Per-sample or per-pixel adapter weights for the following forward passes.
 
         weights: B x K (K = len(names), columns in names order), a length-K vector shared by the
-        batch, or None (the backbone alone). Columns that are zero for the whole batch are skipped
-        (their adapters do not run) unless the weights require grad. Deciding that reads the
-        values, so pass weights that live on the CPU to avoid a device sync; each layer moves them.
+        batch, a B x K x H x W map (per pixel; H x W the backbone's padded input size, whose levels
+        the layers area-average it to), or None (the backbone alone). Columns that are zero for the
+        whole batch are skipped (their adapters do not run) unless the weights require grad.
+        Deciding that reads the values, so pass weights that live on the CPU to avoid a device
+        sync; each layer moves them.
         """
         if weights is None:
             for layer in self.layers.values():
@@ -172,18 +174,20 @@ class AdapterBank:
             weights = weights.float()
         if weights.dim() == 1:
             weights = weights[None]
-        if weights.dim() != 2 or weights.shape[1] != len(self._names):
-            raise ValueError(f"adapter weights must be (batch, {len(self._names)}) for adapters {self._names}, "
-                             f"got {tuple(weights.shape)}")
+        if weights.dim() not in (2, 4) or weights.shape[1] != len(self._names):
+            raise ValueError(f"adapter weights must be (batch, {len(self._names)}) or (batch, {len(self._names)}, H, W) "
+                             f"for adapters {self._names}, got {tuple(weights.shape)}")
         if weights.requires_grad:
             active = list(range(len(self._names)))
         else:
-            active = torch.nonzero((weights != 0).any(dim=0)).flatten().tolist()
+            active = torch.nonzero((weights != 0).transpose(0, 1).reshape(len(self._names), -1).any(dim=1)).flatten().tolist()
         names = [self._names[k] for k in active]
         if len(active) < len(self._names):
             weights = weights[:, active]
         device = next(self.backbone.parameters()).device
         weights = weights.to(device, non_blocking=True)
+        if weights.dim() == 4:
+            weights = PixelWeights(weights)   # one set of level maps, shared by every layer
         for layer in self.layers.values():
             layer.set_weights(weights, names)
 

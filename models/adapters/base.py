@@ -22,6 +22,46 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PixelWeights:
+    """Per-pixel adapter weights for one forward pass: a B x K x H x W map at the resolution the
+    backbone runs at (its padded input), and the same map area-averaged to each coarser level.
+
+    LoRA's delta is linear in the weights, so weighting it per pixel is exact: at pixel p of a
+    level, sum_k w_k(p) * scale_k * B_k A_k x(p). A layer asks for the map at its input's size
+    (`at`); exact tiling tells a layer which window of its level it runs on (AdapterLayer.window).
+    """
+
+    def __init__(self, weight_map: torch.Tensor):
+        if weight_map.dim() != 4:
+            raise ValueError(f"a weight map is B x K x H x W, got {tuple(weight_map.shape)}")
+        self.full = weight_map
+        self._levels: dict[tuple[int, int], torch.Tensor] = {tuple(weight_map.shape[-2:]): weight_map}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.full.shape
+
+    def at(self, size: Sequence[int]) -> torch.Tensor:
+        """B x K x h x w: the map area-averaged to a level of size (h, w), which must divide the
+        map's own size by the same integer factor on both sides."""
+        size = (int(size[0]), int(size[1]))
+        level = self._levels.get(size)
+        if level is None:
+            height, width = self.full.shape[-2:]
+            factor = height // size[0]
+            if factor < 1 or size[0] * factor != height or size[1] * factor != width:
+                raise ValueError(f"a weight map of {height}x{width} has no level of {size[0]}x{size[1]}")
+            level = self._levels[size] = F.avg_pool2d(self.full, factor)
+        return level
+
+    def columns(self, index: Sequence[int]) -> "PixelWeights":
+        return PixelWeights(self.full[:, list(index)])
+
+    def to(self, device) -> "PixelWeights":
+        return self if self.full.device == torch.device(device) else PixelWeights(self.full.to(device))
 
 
 @dataclass(frozen=True)
@@ -73,8 +113,22 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base_layer = base
-        self.adapter_weights: torch.Tensor | None = None   # B x len(active_adapters)
+        self.adapter_weights: torch.Tensor | PixelWeights | None = None   # B x len(active_adapters) [x H x W]
         self.active_adapters: tuple[str, ...] = ()
+        # set by exact tiling while the layer runs on part of its level: ((level h, w), index of that part)
+        self.window: tuple[tuple[int, int], tuple] | None = None
+
+    @property
+    def per_pixel(self) -> bool:
+        return isinstance(self.adapter_weights, PixelWeights)
+
+    def pixel_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """B x K x h x w: the per-pixel weights at the pixels of `x` (its level, or the window of
+        it that exact tiling runs)."""
+        if self.window is None:
+            return self.adapter_weights.at(x.shape[-2:])
+        level, where = self.window
+        return self.adapter_weights.at(level)[where]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -104,8 +158,9 @@ class AdapterLayer(nn.Module):
         delta = self.adapter_delta(x)
         return out if delta is None else out + delta.to(out.dtype)
 
-    def set_weights(self, weights: torch.Tensor | None, names: Sequence[str] | None = None) -> None:
-        """Per-sample weights (B x len(names); B may be 1 to share them), or None for the base layer.
+    def set_weights(self, weights: torch.Tensor | PixelWeights | None, names: Sequence[str] | None = None) -> None:
+        """Per-sample weights (B x len(names); B may be 1 to share them), per-pixel weights
+        (PixelWeights, B x len(names) x H x W), or None for the base layer.
 
         `names` (default: all adapters in insertion order) says which adapter each column is.
         """
@@ -116,8 +171,9 @@ class AdapterLayer(nn.Module):
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown:
             raise KeyError(f"no adapter named {unknown} on this layer")
-        if weights.dim() != 2 or weights.shape[1] != len(names):
-            raise ValueError(f"weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
+        dims = 4 if isinstance(weights, PixelWeights) else 2
+        if len(weights.shape) != dims or weights.shape[1] != len(names):
+            raise ValueError(f"weights must be (batch, {len(names)}{', H, W' if dims == 4 else ''}), got {tuple(weights.shape)}")
         self.adapter_weights, self.active_adapters = weights, names
 
     def original_base_tensors(self) -> dict[str, torch.Tensor]:

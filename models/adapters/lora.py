@@ -7,7 +7,8 @@ A_k (r_k x in) and B_k (out x r_k) are stored by adapter name next to the base l
 adapters run as one stacked (sum r_k x in) projection, a per-sample scale of each adapter's
 channel group, and one (out x sum r_k) projection: two small matmuls whatever K is.
 
-Per-sample weights w (B x K) are set from outside (models.adapters.bank.AdapterBank does it for
+Per-sample weights w (B x K), or per-pixel ones (a B x K x H x W map, models.adapters.base.PixelWeights:
+w[b, k] becomes w[b, k, p] at every pixel p, exactly, since the delta is linear in w), are set from outside (models.adapters.bank.AdapterBank does it for
 every layer at once); with none set the layer is exactly its base layer.
 
 Merging folds one adapter (or one blend shared by the batch, merge_mix) into the base weight for
@@ -93,6 +94,17 @@ class LoRALayer(MergeableLayer):
         else:
             a = torch.cat([self.lora_A[n] for n in names], dim=0)                     # Kr x in
             b = torch.cat([self.lora_B[n] * self.scaling[n] for n in names], dim=1)   # out x Kr
+        if self.per_pixel:
+            if not self.is_conv:
+                raise NotImplementedError("per-pixel LoRA weights need a convolution (B x C x H x W input)")
+            weights = self.pixel_weights(x).to(x.device, non_blocking=True)                # B x K x h x w
+            h = F.conv2d(x, a[:, :, None, None].to(x.dtype))                          # B x Kr x h x w
+            if len(set(ranks)) == 1:
+                b_, _, height, width = h.shape
+                h = (h.view(b_, len(names), ranks[0], height, width) * weights[:, :, None].to(h.dtype)).view_as(h)
+            else:
+                h = h * torch.cat([weights[:, k:k + 1].expand(-1, r, -1, -1) for k, r in enumerate(ranks)], dim=1).to(h.dtype)
+            return F.conv2d(h, b[:, :, None, None].to(h.dtype))                       # B x out x h x w
         weights = self.adapter_weights
         if weights.device != x.device:
             weights = weights.to(x.device, non_blocking=True)

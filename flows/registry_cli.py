@@ -56,7 +56,8 @@ def cmd_restore(args) -> None:
     restore_files(args.inputs, model=args.model, out=args.out, mode=args.mode, device=args.device,
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
                   progress=False if args.no_progress else None, tiling=args.tiling,
-                  max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS, memory_budget=args.memory_budget)
+                  max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS, memory_budget=args.memory_budget,
+                  pw_source=args.pw_source, save_maps=args.save_maps)
 
 
 def cmd_add_degradation(args) -> None:
@@ -74,6 +75,7 @@ def cmd_add_degradation(args) -> None:
 
 
 def add_commands(sub, with_params) -> None:
+    from tasks.serve.inference import PW_SOURCES, SERVED_MODES
     from tasks.serve.restore import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 
     def runner(p, default="local"):
@@ -106,7 +108,14 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a folder of components (default: {DEFAULT_MODEL})")
-    p.add_argument("--mode", choices=["sw", "oh"], default="sw", help="sw: soft blend of adapters (default); oh: the best one")
+    p.add_argument("--mode", choices=SERVED_MODES, default="sw",
+                   help="sw: soft blend of adapters (default); oh: the best one; pw: a blend per pixel (a weight map); "
+                        "none: the backbone alone")
+    p.add_argument("--pw-source", choices=PW_SOURCES,
+                   help="where mode pw's weight map comes from: dense (the estimator's dense head) or seg (the backbone's "
+                        "segmentation head, one extra backbone pass); default: dense where the system has it, else seg")
+    p.add_argument("--save-maps", action="store_true",
+                   help="mode pw: also write a picture of each image's weight map beside it (<output stem>.map.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--out", default="restored", help="output folder (default: restored); inputs are never overwritten")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an input file")

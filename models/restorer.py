@@ -95,7 +95,7 @@ class Restorer(nn.Module):
         return [*self.names, "keep"]
 
     def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float,
-                     pw_source: str | None = None) -> torch.Tensor | None:
+                     pw_source: str | None = None, tile: int | None = None) -> torch.Tensor | None:
         """B x (K+1) weights (adapters, keep) for the call, B x (K+1) x h x w for "pw", or None
         for the backbone alone."""
         if mode == "none":
@@ -103,7 +103,7 @@ class Restorer(nn.Module):
         if self.bank is None or not self.names:
             raise ValueError(f"mode {mode!r} needs an adapter bank with adapters")
         if mode == "pw":
-            return self._map_for(images, weights, temperature, pw_source)
+            return self._map_for(images, weights, temperature, pw_source, tile)
         if weights is None:
             if mode == "oracle":
                 raise ValueError("mode 'oracle' needs the true adapter weights (weights=...)")
@@ -145,7 +145,8 @@ class Restorer(nn.Module):
             raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {source!r}")
         return source
 
-    def _map_for(self, images: torch.Tensor, weights, temperature: float, pw_source: str | None) -> torch.Tensor:
+    def _map_for(self, images: torch.Tensor, weights, temperature: float, pw_source: str | None,
+                 tile: int | None = None) -> torch.Tensor:
         """B x (K+1) x h x w: the caller's map (K or K+1 columns, any h x w; B x (K+1) weights are a
         constant map) or the map of the pixel-wise source; keep 0 where not given."""
         b, k = images.shape[0], len(self.names)
@@ -156,7 +157,7 @@ class Restorer(nn.Module):
                     raise ValueError("pw_source 'dense' needs an estimator with a dense head")
                 weight_map = self.estimator.weight_map(images, temperature).float()
             else:
-                weight_map = self._seg_map(images, temperature)
+                weight_map = self._seg_map(images, temperature, tile)
             return weight_map
         weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
         if weights.dim() in (1, 2):
@@ -177,7 +178,7 @@ class Restorer(nn.Module):
     def seg_class_names(self) -> list[str]:
         return list(getattr(self.backbone, "seg_class_names", None) or [])
 
-    def _seg_map(self, images: torch.Tensor, temperature: float) -> torch.Tensor:
+    def _seg_map(self, images: torch.Tensor, temperature: float, tile: int | None = None) -> torch.Tensor:
         """B x (K+1) x h/8 x w/8 from the Phase I segmentation head (an extra backbone pass,
         without adapters): its per-pixel multi-label probabilities in the adapter columns of the
         classes it knows, the estimator's image-level weight in the others (degradations added
@@ -188,8 +189,8 @@ class Restorer(nn.Module):
         if not classes:
             raise ValueError("the backbone does not say which classes its segmentation head predicts")
         k = len(self.names)
-        with self.bank.weights(None):
-            _, seg_logits = self.backbone(images, with_seg=True)
+        with self.bank.weights(None):   # exact tiling (`tile`) holds the blocks' wide maps one tile at a time
+            _, seg_logits = self.backbone(images, with_seg=True, tile=tile)
         probs = F.avg_pool2d(torch.sigmoid(seg_logits.float()), SEG_MAP_FACTOR, ceil_mode=True)   # B x S x h x w
         columns = probs.new_zeros(images.shape[0], k, *probs.shape[2:])
         unseen = [i for i, n in enumerate(self.names) if n not in classes]
@@ -281,9 +282,10 @@ class Restorer(nn.Module):
         try:
             with torch.no_grad():
                 images = images.float()
-                used = self._weights_for(images, mode, weights, temperature, pw_source)
                 side = tile_side(tile, max_pixels, overlap if tiling == "local" else 0)
                 h, w = images.shape[-2:]
+                exact_side = side if side is not None and (h > side or w > side) else None
+                used = self._weights_for(images, mode, weights, temperature, pw_source, exact_side)
                 if mode == "pw":
                     out = self._run_pixelwise(images, used, side, tiling, overlap)
                 else:

@@ -51,14 +51,19 @@ def halves_map(b: int, h: int, w: int, left: int, right: int, k: int = len(CLASS
     return weight_map
 
 
-def test_lora_layer_per_pixel_is_the_per_pixel_formula():
-    """out(p) = W x(p) + sum_k w_k(p) * scale_k * B_k A_k x(p), at every pixel."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ranks", [(2, 2, 2), (1, 3, 2)])
+def test_lora_layer_per_pixel_is_the_per_pixel_formula(layout, ranks):
+    """out(p) = W x(p) + sum_k w_k(p) * scale_k * B_k A_k x(p), at every pixel, whatever the
+    activations' memory layout (the blocks' are channels-last) and the ranks."""
     torch.manual_seed(0)
     layer = LoRALayer(torch.nn.Conv2d(6, 5, 1))
-    for name, rank in (("a", 2), ("b", 2), ("c", 2)):
+    for name, rank in zip("abc", ranks):
         layer.add_adapter(name, rank=rank, alpha=3.0)
         torch.nn.init.normal_(layer.lora_B[name])
     x = torch.randn(2, 6, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     weight_map = torch.rand(2, 3, 8, 8) / 3
     layer.set_weights(PixelWeights(weight_map), ["a", "b", "c"])
     got = layer(x)

@@ -38,16 +38,23 @@ class PixelWeights:
         if weight_map.dim() != 4:
             raise ValueError(f"a weight map is B x K x H x W, got {tuple(weight_map.shape)}")
         self.full = weight_map
-        self._levels: dict[tuple[int, int], torch.Tensor] = {tuple(weight_map.shape[-2:]): weight_map}
+        self._levels: dict[tuple, torch.Tensor] = {tuple(weight_map.shape[-2:]): weight_map}
 
     @property
     def shape(self) -> torch.Size:
         return self.full.shape
 
-    def at(self, size: Sequence[int]) -> torch.Tensor:
+    def at(self, size: Sequence[int], channels_last: bool = False) -> torch.Tensor:
         """B x K x h x w: the map area-averaged to a level of size (h, w), which must divide the
-        map's own size by the same integer factor on both sides."""
+        map's own size by the same integer factor on both sides; `channels_last`: in that memory
+        format (for layers whose activations are channels-last: mixing formats in one
+        elementwise op makes it several times slower on CPU)."""
         size = (int(size[0]), int(size[1]))
+        if channels_last:
+            key = (*size, "channels_last")
+            if key not in self._levels:
+                self._levels[key] = self.at(size).contiguous(memory_format=torch.channels_last)
+            return self._levels[key]
         level = self._levels.get(size)
         if level is None:
             height, width = self.full.shape[-2:]
@@ -122,13 +129,13 @@ class AdapterLayer(nn.Module):
     def per_pixel(self) -> bool:
         return isinstance(self.adapter_weights, PixelWeights)
 
-    def pixel_weights(self, x: torch.Tensor) -> torch.Tensor:
+    def pixel_weights(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """B x K x h x w: the per-pixel weights at the pixels of `x` (its level, or the window of
-        it that exact tiling runs)."""
+        it that exact tiling runs), in channels-last memory format if asked."""
         if self.window is None:
-            return self.adapter_weights.at(x.shape[-2:])
+            return self.adapter_weights.at(x.shape[-2:], channels_last)
         level, where = self.window
-        return self.adapter_weights.at(level)[where]
+        return self.adapter_weights.at(level, channels_last)[where]
 
     @property
     def adapter_names(self) -> list[str]:

@@ -97,7 +97,17 @@ class LoRALayer(MergeableLayer):
         if self.per_pixel:
             if not self.is_conv:
                 raise NotImplementedError("per-pixel LoRA weights need a convolution (B x C x H x W input)")
-            weights = self.pixel_weights(x).to(x.device, non_blocking=True)                # B x K x h x w
+            # the block's activations are channels-last (LayerNorm2d): work on their pixel rows
+            # (B x H x W x C, two matmuls), so the delta shares the base output's layout (a
+            # mixed-layout add is several times slower on CPU)
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            weights = self.pixel_weights(x, channels_last).to(x.device, non_blocking=True)  # B x K x h x w
+            if len(set(ranks)) == 1 and channels_last:
+                b_, _, height, width = x.shape
+                rows = F.linear(x.permute(0, 2, 3, 1), a.to(x.dtype))                  # B x h x w x Kr
+                rows = rows.view(b_, height, width, len(names), ranks[0]) * weights.permute(0, 2, 3, 1)[..., None].to(rows.dtype)
+                rows = F.linear(rows.view(b_, height, width, -1), b.to(rows.dtype))    # B x h x w x out
+                return rows.permute(0, 3, 1, 2)                                         # channels-last
             h = F.conv2d(x, a[:, :, None, None].to(x.dtype))                          # B x Kr x h x w
             if len(set(ranks)) == 1:
                 b_, _, height, width = h.shape

@@ -48,14 +48,19 @@ def load_bank(backbone, files: list[Path]):
 
 
 def load_system(backbone_path: str | Path, adapters_dir: str | Path | None = None,
-                estimator_path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """A models.restorer.Restorer from files; adapters and estimator optional."""
+                estimator_path: str | Path | None = None, device: str | torch.device = "cpu",
+                keep_seg_head: bool = False):
+    """A models.restorer.Restorer from files; adapters and estimator optional.
+
+    keep_seg_head: keep the Phase I segmentation head (the pixel-wise mode's `seg` source reads
+    its per-pixel probabilities); otherwise it is dropped, as it changes no restored pixel."""
     from models.identity import load_backbone
     from models.estimator import load_estimator
     from models.restorer import Restorer
 
     backbone = load_backbone(backbone_path)
-    backbone.drop_seg_head()
+    if not keep_seg_head:
+        backbone.drop_seg_head()
     bank = load_bank(backbone, adapter_files(adapters_dir)) if adapters_dir is not None else None
     estimator = load_estimator(estimator_path) if estimator_path is not None else None
     if estimator is not None and bank is not None:
@@ -66,11 +71,11 @@ def load_system(backbone_path: str | Path, adapters_dir: str | Path | None = Non
     return restorer.to(device).eval()
 
 
-def load_system_dir(folder: str | Path, device: str | torch.device = "cpu"):
+def load_system_dir(folder: str | Path, device: str | torch.device = "cpu", keep_seg_head: bool = False):
     """The same from one folder laid out as checkpoints/ (used by `abair restore DIR`)."""
     folder = Path(folder)
     if not (folder / BACKBONE_FILE).is_file():
         raise AbairError(folder, f"not a model folder (no {BACKBONE_FILE})")
     adapters = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else None
     estimator = folder / ESTIMATOR_FILE if (folder / ESTIMATOR_FILE).is_file() else None
-    return load_system(folder / BACKBONE_FILE, adapters, estimator, device)
+    return load_system(folder / BACKBONE_FILE, adapters, estimator, device, keep_seg_head)

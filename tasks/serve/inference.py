@@ -7,6 +7,7 @@ it with only the few core modules it needs (tasks/serve/pyfunc.py: SERVING_CODE)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +16,91 @@ from tasks.core.components import load_system
 
 # Per-tile pixel budget: 512 x 512 tiles keep the `large` backbone under a few GB of activations.
 DEFAULT_MAX_PIXELS = 512 * 512
+# The modes a served image can ask for: every models.restorer.MODES but "oracle", which needs the
+# true weights (known for evaluation sets only). Spelled out rather than imported so that the
+# CLI's parser does not import torch (tests/test_restore_pw.py checks that they agree).
+SERVED_MODES = ("sw", "oh", "pw", "none")
+# Where the pixel-wise mode's weight map comes from: the estimator's dense head, or the backbone's
+# Phase I segmentation head (one extra backbone pass). None: what the system has (dense first).
+PW_SOURCES = ("dense", "seg")
 
 
-def load_restorer(backbone: str | Path, adapters: str | Path, estimator: str | Path, device: str = "auto"):
-    """A Restorer, in eval mode on `device` (auto | cpu | cuda | cuda:N), from its component files."""
+def mode_problem(mode: str, pw_source: str | None) -> tuple[str, str] | None:
+    """(knob, problem) when a mode and weight-map source cannot go together, else None."""
+    if mode not in SERVED_MODES:
+        return "mode", f"must be one of {', '.join(SERVED_MODES)}, got {mode!r}"
+    if pw_source is not None and pw_source not in PW_SOURCES:
+        return "pw_source", f"must be one of {', '.join(PW_SOURCES)}, got {pw_source!r}"
+    if pw_source is not None and mode != "pw":
+        return "pw_source", f"chooses the weight map of mode pw; mode {mode} has none"
+    return None
+
+
+def needs_seg_head(mode: str, pw_source: str | None) -> bool:
+    """Whether a system loaded for this mode must keep the Phase I segmentation head: when the
+    seg source is asked for, or may be the default (a system without a dense estimator)."""
+    return mode == "pw" and pw_source != "dense"
+
+
+def resolve_pw_source(restorer, requested: str | None) -> str:
+    """The weight-map source mode pw uses with this system: `requested`, or (None) the system's
+    default (Restorer.resolve_pw_source: the dense head, else the segmentation head); a ValueError
+    saying what the system lacks, so that a call fails before any image runs."""
+    source = restorer.resolve_pw_source(requested)
+    if source == "dense" and not (restorer.estimator is not None and restorer.estimator.has_dense):
+        raise ValueError("the system's estimator has no dense head (trained with estimator.dense: false): the dense "
+                         "weight-map source needs one (the seg source reads the backbone's segmentation head)")
+    if source == "seg" and restorer.backbone.seg_head is None:
+        raise ValueError("the system's backbone has no segmentation head (dropped, or seg_classes 0): the seg "
+                         "weight-map source needs one (the dense source reads the estimator's dense head)")
+    if source == "seg" and not restorer.seg_class_names:
+        raise ValueError("the system's backbone does not say which classes its segmentation head predicts "
+                         "(no `classes` in its metadata): the seg weight-map source needs them")
+    return source
+
+
+def load_restorer(backbone: str | Path, adapters: str | Path, estimator: str | Path, device: str = "auto",
+                  keep_seg_head: bool = False):
+    """A Restorer, in eval mode on `device` (auto | cpu | cuda | cuda:N), from its component files;
+    keep_seg_head: keep the segmentation head the pw mode's seg source reads."""
     # torch comes in here, not on import: `abair --help` imports this module (through the restore
     # command's defaults) and stays instant
     from tasks.core.device import pick_device
 
-    return load_system(backbone, adapters, estimator, pick_device(device))
+    return load_system(backbone, adapters, estimator, pick_device(device), keep_seg_head=keep_seg_head)
 
 
-def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                tiling: str = "exact") -> tuple[np.ndarray, dict[str, float]]:
-    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight, ..., "keep": keep})."""
+@dataclass
+class Restoration:
+    rgb: np.ndarray                  # restored float32 H x W x 3 in [0, 1]
+    weights: dict[str, float]        # {adapter: weight, ..., "keep": keep}; in pw the map's mean over the image
+    weight_map: np.ndarray | None    # pw: the (K+1) x h x w map applied (columns: weight_names); else None
+
+
+def restore_image(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  tiling: str = "exact", pw_source: str | None = None) -> Restoration:
+    """float32 RGB HxWx3 in [0, 1] -> its Restoration: the restored image, the per-image weights
+    (models.restorer.weights_summary: a pw map's mean per column) and, in pw, the map itself."""
     import torch  # not on import: see load_restorer
+
+    from models.restorer import weights_summary
 
     device = next(restorer.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
-    restored, weights = restorer.restore(x, mode=mode, max_pixels=max_pixels, tiling=tiling)
+    restored, used = restorer.restore(x, mode=mode, max_pixels=max_pixels, tiling=tiling, pw_source=pw_source)
     out = restored[0].permute(1, 2, 0).float().cpu().numpy()
-    used = {} if weights is None else {n: float(w) for n, w in zip(restorer.weight_names, weights[0].cpu().tolist())}
-    return out, used
+    weight_map = used[0].float().cpu().numpy() if used is not None and used.dim() == 4 else None
+    weights = {} if used is None else \
+        {n: float(w) for n, w in zip(restorer.weight_names, weights_summary(used)[0].cpu().tolist())}
+    return Restoration(out, weights, weight_map)
+
+
+def restore_rgb(restorer, rgb: np.ndarray, mode: str = "sw", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                tiling: str = "exact", pw_source: str | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """float32 RGB HxWx3 in [0, 1] -> (restored float32 HxWx3, {adapter: weight, ..., "keep": keep});
+    in pw the weights are the map's per-image means (restore_image also returns the map)."""
+    restoration = restore_image(restorer, rgb, mode, max_pixels, tiling, pw_source)
+    return restoration.rgb, restoration.weights
 
 
 def planar_float_rgb(raw: np.ndarray) -> np.ndarray:

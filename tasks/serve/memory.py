@@ -15,6 +15,12 @@ The figures are per-pixel upper bounds of the peak resident memory a restore add
 loaded model, measured on CPU (benchmarks/restore_memory.py; results in
 benchmarks/results/restore_memory.md) with a margin. They are estimates of a process's memory, not
 a hard limit the allocator enforces.
+
+The pixel-wise mode (`mode="pw"`) holds more: its weight map resized to the image and to every
+level (held whole by whole-image and exact runs; a local tile resizes its own window), and, in every
+run of the whole network (the image, or a local tile), the per-pixel LoRA path's deltas beside the
+adapted convolutions' outputs (per-pixel weights cannot be merged into the weights). Its `seg`
+source adds one more backbone pass before the adapted one, on the whole image (models/restorer.py).
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ WHOLE_FLOATS = 28
 # Fixed working memory of one restore besides the above (the estimator, allocator slack).
 OVERHEAD = 96 * 1024**2
 TILINGS = ("auto", "exact", "local")
+# Pixel-wise mode. Measured at 1 MP (1152x864, tiny, five LoRA adapters and a dense estimator, tile
+# 512; one `abair restore` process each, as benchmarks/restore_memory.py does) against sw on the same
+# photo: exact tiling +38 MB (the map at the image's size and area-averaged to each level: 1.7 floats
+# per pixel and column of the 6), local tiling +225 MB (a 512 px tile's whole-network run: 14 floats
+# more per pixel and unit of width), the seg source with exact tiling +623 MB while its extra pass ran
+# whole (1803 MB added in all, within a whole run's WHOLE_FLOATS; that pass now runs exact-tiled
+# too and is planned as such). PW_MAP_FLOATS: floats per pixel and
+# weight-map column; PW_RUN_FLOATS: what WHOLE_FLOATS is for a pw run of the whole network.
+PW_MAP_FLOATS = 2
+PW_RUN_FLOATS = 44
 
 
 @dataclass(frozen=True)
@@ -93,30 +109,55 @@ def image_bytes(height: int, width: int) -> int:
     return IMAGE_BYTES * height * width + OVERHEAD
 
 
-def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None) -> int:
-    """Peak bytes a restore adds for an image of height x width with this tiling."""
+def pw_map_bytes(pixels: int, columns: int) -> int:
+    """The pixel-wise map held at the image's size and its levels (`columns`: adapters + keep)."""
+    return 4 * PW_MAP_FLOATS * columns * pixels
+
+
+def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None, mode: str = "sw",
+             columns: int = 0, pw_source: str | None = None) -> int:
+    """Peak bytes a restore adds for an image of height x width with this tiling; mode "pw" with a
+    weight map of `columns` columns (adapters + keep) from `pw_source` (dense | seg)."""
     pixels = height * width
     image = image_bytes(height, width)
+    pixel_wise = mode == "pw"
+    run_floats = PW_RUN_FLOATS if pixel_wise else WHOLE_FLOATS
+    held_map = pw_map_bytes(pixels, columns) if pixel_wise else 0
     if tile is None or (height <= tile and width <= tile):
-        return image + network_bytes(dim, pixels, WHOLE_FLOATS)
-    tile_run = network_bytes(dim, tile * tile, WHOLE_FLOATS)
-    if tiling == "exact":
-        return image + network_bytes(dim, pixels, EXACT_FLOATS) + tile_run
-    return image + tile_run
+        total = image + network_bytes(dim, pixels, run_floats) + held_map
+    elif tiling == "exact":
+        # the tiles run inside the blocks: the per-pixel deltas exist for one tile of one layer at a time
+        total = image + network_bytes(dim, pixels, EXACT_FLOATS) + network_bytes(dim, tile * tile, WHOLE_FLOATS) \
+            + held_map
+    else:
+        total = image + network_bytes(dim, tile * tile, run_floats)
+    if pixel_wise and pw_source == "seg":
+        # the segmentation head's backbone pass runs before the adapted one: whole when the image
+        # fits one tile, else with exact tiling (whatever the adapted pass uses); its logits and
+        # their probabilities are image-sized (at most one per map column)
+        if tile is None or (height <= tile and width <= tile):
+            seg_pass = network_bytes(dim, pixels, WHOLE_FLOATS)
+        else:
+            seg_pass = network_bytes(dim, pixels, EXACT_FLOATS) + network_bytes(dim, tile * tile, WHOLE_FLOATS)
+        total = max(total, image + seg_pass + pw_map_bytes(pixels, columns))
+    return total
 
 
 def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "auto",
-         budget: int | None = DEFAULT_BUDGET) -> Plan:
+         budget: int | None = DEFAULT_BUDGET, mode: str = "sw", columns: int = 0,
+         pw_source: str | None = None) -> Plan:
     """The tiling for one image: the requested one, or with "auto" exact where it fits the budget,
-    else local. `tile` is the tile side the pixel budget gives (None: whole images). Raises
-    DoesNotFit, saying what it would take, when the choice cannot fit."""
+    else local. `tile` is the tile side the pixel budget gives (None: whole images); mode, columns
+    and pw_source as in `estimate`. Raises DoesNotFit, saying what it would take, when the choice
+    cannot fit."""
     if tiling not in TILINGS:
         raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
     if tile is None or (height <= tile and width <= tile):
         choices = ["whole"]
     else:
         choices = ["exact", "local"] if tiling == "auto" else [tiling]
-    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile)) for c in choices]
+    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile, mode, columns, pw_source))
+             for c in choices]
     for candidate in plans:
         if budget is None or candidate.estimate <= budget:
             return candidate
@@ -126,6 +167,8 @@ def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "aut
         hint += ", or set a tile budget (--max-pixels)"
     elif tiling == "exact":
         hint += " or use --tiling local"
+    if mode == "pw" and pw_source == "seg":
+        hint += " (or --pw-source dense: the seg source's extra backbone pass holds the whole image's skip connections)"
     floor = image_bytes(height, width)
     raise DoesNotFit(f"{width}x{height} px ({width * height / 1e6:.1f} MP) needs about {format_bytes(best.estimate)} "
                      f"{'run whole' if best.tile is None else 'in ' + best.layout} (the image's own arrays alone: {format_bytes(floor)}), "
@@ -133,6 +176,9 @@ def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "aut
 
 
 def plan_restore(restorer, height: int, width: int, max_pixels: int | None, tiling: str = "auto",
-                 budget: int | None = DEFAULT_BUDGET) -> Plan:
-    """`plan` for a Restorer (its backbone's width) and the tile side its pixel budget gives."""
-    return plan(restorer.backbone.config.dim, height, width, tile_side(max_pixels), tiling, budget)
+                 budget: int | None = DEFAULT_BUDGET, mode: str = "sw", pw_source: str | None = None) -> Plan:
+    """`plan` for a Restorer (its backbone's width, its weight columns; in pw the map source it
+    will use: `pw_source` or its default) and the tile side its pixel budget gives."""
+    source = restorer.resolve_pw_source(pw_source) if mode == "pw" else None
+    return plan(restorer.backbone.config.dim, height, width, tile_side(max_pixels), tiling, budget, mode,
+                len(restorer.weight_names), source)

@@ -10,6 +10,11 @@ while the estimator still sees the whole image once.
 The model is a registry reference (`models:/abair-restorer@champion`, `models:/abair-restorer/3`),
 a local folder of components (backbone.safetensors, adapters/, estimator.safetensors) or a
 downloaded pyfunc model folder.
+
+Modes: sw, oh, pw (a weight map per pixel, from the estimator's dense head or the backbone's
+segmentation head: `pw_source`) and none (the backbone alone). With `save_maps` (pw only), a picture
+of the map each image was restored with is written beside it as `<output stem>.map.png`
+(tasks/core/weight_maps.py: one colour per adapter over a faded copy of the input, a legend below).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import numpy as np
 from tasks.core import imageio, paths, storage
 from tasks.core.components import load_system_dir
 from tasks.core.errors import AbairError
+from tasks.core.weight_maps import LEGEND_ROW, legend_strip, render_weight_map
 from tasks.registry import store
 from tasks.serve import memory
-from tasks.serve.inference import DEFAULT_MAX_PIXELS, planar_float_rgb, restore_rgb, to_stored
+from tasks.serve.inference import (DEFAULT_MAX_PIXELS, mode_problem, needs_seg_head, planar_float_rgb, resolve_pw_source,
+                                   restore_image, to_stored)
 from tasks.serve.jpeg import estimate_jpeg_quality
 
 log = logging.getLogger(__name__)
@@ -39,14 +46,17 @@ DEFAULT_MODEL = f"models:/{store.RESTORER}@{store.CHAMPION}"
 # Used when a JPEG's quantisation tables cannot be read.
 DEFAULT_JPEG_QUALITY = 95
 MIN_SIDE = 2
+# What --save-maps adds to an output's stem: `restored/photo.jpg` gets `restored/photo.map.png`.
+MAP_SUFFIX = ".map.png"
 
 
 # ------------------------------------------------------------------------------------------------
 # The model
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
-    """(Restorer, description) from a registry reference or a local folder."""
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", keep_seg_head: bool = False):
+    """(Restorer, description) from a registry reference or a local folder; keep_seg_head: keep
+    the Phase I segmentation head (the pw mode's seg source)."""
     # torch comes in here, not on import: the CLI's parser imports this module for its defaults
     from tasks.core.device import pick_device
 
@@ -57,12 +67,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto"):
             raise AbairError(spec, f"is a {version.name} version; restoring needs an {store.RESTORER} model")
         with tempfile.TemporaryDirectory(prefix="abair-model-") as tmp:
             folder = store.download_components(version, Path(tmp) / paths.CHECKPOINTS)
-            restorer = load_system_dir(folder, torch_device)
+            restorer = load_system_dir(folder, torch_device, keep_seg_head)
         return restorer, f"{spec} ({version.name} version {version.version})"
     path = Path(spec)
     if not path.exists():
         raise AbairError(spec, "no such model folder (and not a models:/ URI)")
-    return load_system_dir(store.components_dir(path), torch_device), str(path)
+    return load_system_dir(store.components_dir(path), torch_device, keep_seg_head), str(path)
 
 
 def format_weights(weights: dict[str, float]) -> str:
@@ -201,19 +211,25 @@ def expand(spec: str, out: Path) -> list[Job]:
     raise AbairError(spec, "no such file or folder")
 
 
-def plan(inputs: list[str], out: str | Path, overwrite: bool = False) -> list[Job]:
+def map_path(target: Path) -> Path:
+    """Where --save-maps writes the weight-map picture of the image restored to `target`."""
+    return target.with_name(target.stem + MAP_SUFFIX)
+
+
+def plan(inputs: list[str], out: str | Path, overwrite: bool = False, save_maps: bool = False) -> list[Job]:
     """Every input image and its output path; the first input that names nothing is an error."""
-    jobs, problems = plan_each(inputs, out, overwrite)
+    jobs, problems = plan_each(inputs, out, overwrite, save_maps)
     if problems:
         raise problems[0]
     return jobs
 
 
-def plan_each(inputs: list[str], out: str | Path, overwrite: bool = False) -> tuple[list[Job], list[AbairError]]:
+def plan_each(inputs: list[str], out: str | Path, overwrite: bool = False,
+              save_maps: bool = False) -> tuple[list[Job], list[AbairError]]:
     """Every input image and its output path: folders keep their relative layout, files and
     glob matches go to `out` by name; and one error per input that names nothing to restore (the
-    others go on). Refuses to overwrite an input (unless `overwrite`) and to write two inputs to
-    one name."""
+    others go on). Refuses to overwrite an input (unless `overwrite`) and to write two outputs to
+    one name (with `save_maps`, the weight-map pictures count as outputs)."""
     out = Path(out)
     jobs: list[Job] = []
     problems: list[AbairError] = []
@@ -225,12 +241,16 @@ def plan_each(inputs: list[str], out: str | Path, overwrite: bool = False) -> tu
     seen: dict[Path, str] = {}
     sources = {Path(j.source).resolve() for j in jobs}
     for job in jobs:
-        target = job.target.resolve()
-        if target in seen:
-            raise AbairError(job.source, f"would be written to {job.target} as {seen[target]} is too (restore them separately)")
-        seen[target] = job.source
-        if target in sources and not overwrite:
-            raise AbairError(job.source, "would be overwritten by its restored image (choose another --out, or pass --overwrite)")
+        outputs = [(job.target, "restored image")] + ([(map_path(job.target), "weight map")] if save_maps else [])
+        for written, what in outputs:
+            target = written.resolve()
+            if target in seen:
+                raise AbairError(job.source, f"its {what} would be written to {written} as {seen[target]} is too "
+                                             "(restore them separately)")
+            seen[target] = f"{job.source}'s {what}"
+            if target in sources and not overwrite:
+                whose = "its" if target == Path(job.source).resolve() else f"{job.source}'s"
+                raise AbairError(written, f"would be overwritten by {whose} {what} (choose another --out, or pass --overwrite)")
     return jobs, problems
 
 
@@ -242,28 +262,32 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
                   device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False,
                   quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "auto",
                   max_image_pixels: int = imageio.MAX_IMAGE_PIXELS,
-                  memory_budget: int | str | None = memory.DEFAULT_BUDGET) -> dict:
+                  memory_budget: int | str | None = memory.DEFAULT_BUDGET, pw_source: str | None = None,
+                  save_maps: bool = False) -> dict:
     """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
     is reported and skipped; the run then ends with an AbairError naming how many failed.
     tiling: auto (exact where it fits `memory_budget`, else local), exact or local; an image no
-    tiling fits is refused before it is decoded (tasks/serve/memory.py)."""
+    tiling fits is refused before it is decoded (tasks/serve/memory.py). mode pw: `pw_source`
+    (dense | seg | None: what the system has) makes the weight map; `save_maps` writes its picture
+    beside each restored image (`<stem>.map.png`)."""
     from tqdm import tqdm
 
-    if mode not in ("sw", "oh"):
-        raise AbairError("--mode", f"must be sw or oh, got {mode!r}")
+    check_options(mode, pw_source, save_maps)
     if tiling not in memory.TILINGS:
         raise AbairError("--tiling", f"must be one of {', '.join(memory.TILINGS)}, got {tiling!r}")
     try:
         budget = memory.parse_bytes(memory_budget)
     except ValueError as exc:
         raise AbairError("--memory-budget", str(exc)) from None
-    jobs, problems = plan_each(inputs, out, overwrite)
+    jobs, problems = plan_each(inputs, out, overwrite, save_maps)
     if not jobs:
         raise AbairError(", ".join(inputs), "nothing to restore (" + "; ".join(str(p) for p in problems) + ")")
-    restorer, described = load_model(model, device)
+    restorer, described = load_model(model, device, keep_seg_head=needs_seg_head(mode, pw_source))
+    source_used = pw_source_of(restorer, described, pw_source) if mode == "pw" else None
     for problem in problems:
         echo(f"error: {problem}")
-    echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}")
+    echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}"
+         + (f" ({source_used} weight maps)" if source_used else ""))
     show_bar = len(jobs) > 1 if progress is None else progress
     bar = tqdm(jobs, desc="restore", unit="img", disable=not show_bar, dynamic_ncols=True)
     write = bar.write if show_bar else echo
@@ -275,12 +299,14 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
             data = storage.read_bytes(job.source)
             declared = imageio.declared_size(data)
             if declared is not None:   # refuse what cannot fit before decoding it
-                fit(restorer, job.source, declared[1], declared[0], max_pixels, tiling, budget)
+                fit(restorer, job.source, declared[1], declared[0], max_pixels, tiling, budget, mode, source_used)
             source = decode_image(data, job.source, max_image_pixels)
-            chosen = fit(restorer, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget)
-            restored, weights = restore_rgb(restorer, source.rgb, mode, max_pixels, chosen.restore_tiling)
-            encoded = encode_like(restored, source, job.target.suffix, quality)
+            chosen = fit(restorer, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget, mode, source_used)
+            result = restore_image(restorer, source.rgb, mode, max_pixels, chosen.restore_tiling, source_used)
+            encoded = encode_like(result.rgb, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
+            if save_maps:
+                write_map(map_path(job.target), source.rgb, result.weight_map, restorer.names)
         except AbairError as exc:
             failed.append({"source": job.source, "error": exc.problem})
             write(f"error: {exc}")
@@ -288,10 +314,13 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
         h, w = source.rgb.shape[:2]
         pixels += h * w
         extra = f", jpeg q{encoded_quality(source, quality)}" if is_jpeg(job.target) else ""
-        extra += f", {chosen.describe()}" if chosen.tile is not None else ""
-        write(f"{job.source}: restored -> {job.target} (weights: {format_weights(weights)}{extra})")
-        done.append({"source": job.source, "target": str(job.target), "weights": weights, "size": [w, h],
-                     "orientation": source.orientation, "tiling": chosen.tiling, "memory_estimate": chosen.estimate})
+        extra += f", map -> {map_path(job.target)}" if save_maps else ""
+        extra += f", {chosen.describe()}" if chosen.tile is not None else ""   # last: benchmarks read it there
+        write(f"{job.source}: restored -> {job.target} ({describe_weights(mode, result.weights)}{extra})")
+        done.append({"source": job.source, "target": str(job.target), "weights": result.weights, "size": [w, h],
+                     "orientation": source.orientation, "tiling": chosen.tiling, "memory_estimate": chosen.estimate,
+                     **({"pw_source": source_used} if source_used else {}),
+                     **({"weight_map": str(map_path(job.target))} if save_maps else {})})
     bar.close()
     seconds = max(time.perf_counter() - start, 1e-9)
     summary = {"images": done, "failed": failed, "seconds": seconds, "images_per_s": len(done) / seconds,
@@ -304,11 +333,67 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
     return summary
 
 
+def check_options(mode: str, pw_source: str | None, save_maps: bool) -> None:
+    """The mode's options, checked before anything loads: one AbairError naming the flag."""
+    problem = mode_problem(mode, pw_source)
+    if problem is not None:
+        raise AbairError(f"--{problem[0].replace('_', '-')}", problem[1])
+    if save_maps and mode != "pw":
+        # sw and oh use one weight vector per image (printed on its line): there is no map to draw
+        raise AbairError("--save-maps", f"draws the pixel-wise weight maps of --mode pw; mode {mode} has none")
+
+
+def pw_source_of(restorer, described: str, requested: str | None) -> str:
+    """The weight-map source mode pw will use with this system (`requested`, or the system's
+    default), or the AbairError naming the model and what it lacks."""
+    try:
+        return resolve_pw_source(restorer, requested)
+    except ValueError as exc:
+        raise AbairError(described, str(exc)) from None
+
+
+def describe_weights(mode: str, weights: dict[str, float]) -> str:
+    """What an image's line says it was restored with; in pw the map's mean over the image."""
+    if mode == "none":
+        return "the backbone alone"
+    return f"{'mean weights' if mode == 'pw' else 'weights'}: {format_weights(weights)}"
+
+
+def write_map(path: Path, rgb: np.ndarray, weight_map: np.ndarray, names: list[str]) -> None:
+    """The weight-map picture (tasks/core/weight_maps.render_weight_map) of one image, as a PNG
+    written under a temporary name and renamed into place, like the restored image."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(map_picture(rgb, weight_map, names), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise AbairError(path, f"could not encode a {rgb.shape[1]}x{rgb.shape[0]} weight-map picture")
+    storage.write_bytes(path, buf.tobytes())
+
+
+def map_picture(rgb: np.ndarray, weight_map: np.ndarray, names: list[str], rows: int = 256) -> np.ndarray:
+    """render_weight_map's picture, (H + legend) x W x 3 uint8, of a (K+1) x h x w map at any
+    resolution, drawn `rows` image rows at a time: each band resizes its rows of the map as the
+    Restorer applies it (bilinear: models.restorer.map_window), so neither an image-sized map nor the
+    picture's float temporaries (about 4 (2K + 13) bytes per pixel) are ever held whole."""
+    import torch
+
+    from models.restorer import map_window
+
+    height, width = rgb.shape[:2]
+    low = torch.from_numpy(np.ascontiguousarray(weight_map, dtype=np.float32))[None]
+    picture = np.empty((height + LEGEND_ROW, width, 3), np.uint8)
+    for top in range(0, height, rows):
+        band = slice(top, min(top + rows, height))
+        window = map_window(low, (height, width), band, slice(0, width), multiple=1)[0].numpy()
+        picture[band] = render_weight_map(rgb[band], window, names, legend=False)
+    picture[height:] = legend_strip(names, width)
+    return picture
+
+
 def fit(restorer, name: str, height: int, width: int, max_pixels: int | None, tiling: str,
-        budget: int | None) -> memory.Plan:
+        budget: int | None, mode: str = "sw", pw_source: str | None = None) -> memory.Plan:
     """The memory plan for one image (tasks/serve/memory.py), or the AbairError naming it."""
     try:
-        return memory.plan_restore(restorer, height, width, max_pixels, tiling, budget)
+        return memory.plan_restore(restorer, height, width, max_pixels, tiling, budget, mode, pw_source)
     except memory.DoesNotFit as exc:
         raise AbairError(name, str(exc)) from None
 

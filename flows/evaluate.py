@@ -37,7 +37,8 @@ TABLE_DESCRIPTIONS = {
     "known": "Table 1: known degradations (PSNR/SSIM per set, params)",
     "unseen": "Table 2: unseen degradations",
     "mixed": "Table 3: mixed degradations",
-    "modes": "OH vs SW vs oracle per group",
+    "regions": "Regions with different degradations (with PW and the pixel-wise oracle)",
+    "modes": "OH vs SW vs PW vs oracle per group",
 }
 
 

@@ -20,7 +20,7 @@ def cmd_evaluate(args) -> None:
 
 
 def add_commands(sub, with_params) -> None:
-    p = with_params(sub.add_parser("evaluate", help="paper-style evaluation: known, unseen and mixed degradations"))
+    p = with_params(sub.add_parser("evaluate", help="paper-style evaluation: known, unseen, mixed and per-region degradations"))
     p.add_argument("--checkpoints", default=paths.CHECKPOINTS,
                    help="folder with backbone.safetensors, adapters/, estimator.safetensors")
     p.add_argument("--shards", default=paths.SHARDS, help="shard set whose validation images the synthetic sets use")

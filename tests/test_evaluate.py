@@ -401,6 +401,9 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
     assert first["unseen/jpeg/baseline/psnr"] == first["unseen/jpeg/input/psnr"]
     assert first["unseen/jpeg/baseline/worse"] == 0.0
     assert "unseen/jpeg/oracle/psnr" not in first and "unseen/jpeg/sw/psnr" in first
+    # Modes pw and pw_oracle are in the default modes, but this system makes no weight maps (no
+    # dense estimator head, no segmentation head) and has no regions set: neither runs.
+    assert {"pw", "pw_oracle"} <= set(cfg["modes"]) and not any("/pw" in key for key in first)
     assert first["known/noise/oracle/psnr"] == first["known/noise/adapter_noise/psnr"]
     assert first["known/noise/sw/psnr"] != first["known/noise/none/psnr"]      # the adapters do something
     assert first["sets/known/noise/images"] == 2 and first["sets/mixed/haze_noise/images"] == 2
@@ -415,7 +418,7 @@ def test_reports_are_complete_deterministic_and_stable(tmp_path, tiny_checkpoint
 
     results = (tmp_path / "r1" / "results.md").read_text()
     for heading in ("## Table 1: known degradations", "## Table 2: unseen degradations",
-                    "## Table 3: mixed degradations", "OH vs SW vs oracle", "evaluation sets", "Degradation estimator"):
+                    "## Table 3: mixed degradations", "OH vs SW vs PW vs oracle", "evaluation sets", "Degradation estimator"):
         assert heading in results
     assert "| Method | noise | haze | Average | Params |" in results
     assert "| Baseline (classical) |" in results and "made worse (>0.1 dB)" in results

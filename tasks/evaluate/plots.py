@@ -1,5 +1,6 @@
 """The report's plots: the radar of the modes (the paper's Figure 1), PSNR bars per group, the
-estimator's confusion matrix and input / output / target strips per set."""
+estimator's confusion matrix and input / output / target strips per set (with, where mode pw ran,
+its output and the weight map it used, and on regions sets the true map)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tasks.core.weight_maps import colour_of, render_weight_map, resize_map
 from tasks.evaluate.run import SetResult
 from tasks.evaluate.sets import GROUPS
 from tasks.evaluate.tables import GROUP_TITLES, metrics_tree, mode_label, ordered_modes, ordered_sets
@@ -22,8 +24,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, dpi: int) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, dpi: int, rect: tuple = (0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
     return path
@@ -31,7 +33,8 @@ def _save(fig, path: Path, dpi: int) -> Path:
 
 def _colours(modes: Sequence[str]) -> dict[str, Any]:
     plt = _pyplot()
-    fixed = {"input": "#9e9e9e", "baseline": "#7b3294", "none": "#5d4037", "oh": "#1f77b4", "sw": "#d62728", "oracle": "#2ca02c"}
+    fixed = {"input": "#9e9e9e", "baseline": "#7b3294", "none": "#5d4037", "oh": "#1f77b4", "sw": "#d62728",
+             "pw": "#ff7f0e", "oracle": "#2ca02c", "pw_oracle": "#17becf"}
     adapters = [m for m in modes if m not in fixed]
     cmap = plt.get_cmap("Set2")
     return {**fixed, **{m: cmap(i % 8) for i, m in enumerate(adapters)}}
@@ -43,7 +46,7 @@ def plot_radar(metrics: dict, set_order: Sequence[str], path: Path) -> Path:
     plt = _pyplot()
     tree = metrics_tree(metrics)
     axes_sets = [(g, s) for g in GROUPS for s in ordered_sets(tree.get(g, {}), set_order)]
-    candidates = ["input", "baseline", "none", "oh", "sw", "oracle"]
+    candidates = ["input", "baseline", "none", "oh", "sw", "pw", "oracle"]
     modes = [m for m in candidates if axes_sets and all(m in tree[g][s] for g, s in axes_sets)]
     fig = plt.figure(figsize=(7.5, 7.5))
     ax = fig.add_subplot(projection="polar")
@@ -122,28 +125,78 @@ def plot_confusion(confusion: dict, path: Path) -> Path:
     return _save(fig, path, 110)
 
 
+def _centre(array: np.ndarray, side: int) -> np.ndarray:
+    """The centred side x side crop of an H x W (x C) array (smaller sides kept whole)."""
+    h, w = array.shape[:2]
+    ch, cw = min(side, h), min(side, w)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return array[y0:y0 + ch, x0:x0 + cw]
+
+
+def map_picture(image: np.ndarray, weight_map: np.ndarray, names: Sequence[str], side: int) -> np.ndarray:
+    """The strip's picture of a (K+1) x h x w weight map over the centre crop of its uint8 input:
+    the map resized to the image, both cropped alike, drawn by tasks.core.weight_maps (its legend
+    is the figure's, so the colours are named once however narrow the crop)."""
+    height, width = image.shape[:2]
+    full = resize_map(weight_map, height, width).transpose(1, 2, 0)
+    crop = _centre(image, side).astype(np.float32) / 255.0
+    return render_weight_map(crop, _centre(full, side).transpose(2, 0, 1), names, legend=False)
+
+
+def _weights_text(summary: np.ndarray, names: Sequence[str], shown: int = 2) -> str:
+    """The largest `shown` adapter weights of a per-image summary, e.g. "rain .52, haze .20"."""
+    order = np.argsort(-summary[:len(names)])[:shown]
+    return ", ".join(f"{names[k]} {summary[k]:.2f}".replace(" 0.", " .") for k in order if summary[k] > 0.005) or "backbone"
+
+
+def strip_columns(res: SetResult) -> list[tuple[str, str]]:
+    """(strips key, title) of each column: input, the strip mode's output, pw and its map, the true
+    map, target (those that exist)."""
+    columns = [("input", "input"), ("output", mode_label(res.strip_mode or ""))]
+    if res.strips.get("pw"):
+        columns.append(("pw", mode_label("pw")))
+    if res.strips.get("pw_map"):
+        columns.append(("pw_map", "PW weights"))
+    if res.strips.get("true_map"):
+        columns.append(("true_map", "true weights"))
+    return columns + [("target", "target")]
+
+
 def plot_strip(res: SetResult, side: int, path: Path) -> Path:
-    """Input / output / target centre crops, one row per image, with the row's PSNRs."""
+    """Centre crops, one row per image, one column per strip_columns entry, with the PSNRs (and
+    for the pw map, its per-image mean weights)."""
     plt = _pyplot()
     rows = len(res.strips["output"])
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
-    out_label = mode_label(res.strip_mode or "")
+    columns = strip_columns(res)
+    legend = bool(res.strips.get("pw_map"))
+    row_height = 2.9 if legend else 2.6        # the map's title takes two lines
+    height = row_height * rows + (0.4 if legend else 0.0)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.5 * len(columns), height), squeeze=False)
     for i in range(rows):
-        for j, (column, title) in enumerate((("input", "input"), ("output", out_label), ("target", "target"))):
-            img = res.strips[column][i]
-            h, w = img.shape[:2]
-            ch, cw = min(side, h), min(side, w)
-            y0, x0 = (h - ch) // 2, (w - cw) // 2
+        for j, (column, title) in enumerate(columns):
+            if column in ("pw_map", "true_map"):
+                picture = map_picture(res.strips["input"][i], res.strips[column][i], res.names, side)
+            else:
+                picture = _centre(res.strips[column][i], side)
             ax = axes[i][j]
-            ax.imshow(img[y0:y0 + ch, x0:x0 + cw], interpolation="nearest")
+            ax.imshow(picture, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if column != "target":
-                key = "input" if column == "input" else res.strip_mode
+            if column == "input":
+                title = f"{title} {res.input_psnr[i]:.2f} dB"
+            elif column in ("output", "pw"):
+                key = res.strip_mode if column == "output" else "pw"
                 title = f"{title} {res.per_image[key]['psnr'][i]:.2f} dB"
-            ax.set_title(title, fontsize=9)
+            elif column == "pw_map":
+                title = f"{title}\n{_weights_text(res.strips['pw_weights'][i], res.names)}"
+            ax.set_title(title, fontsize=8)
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=colour_of(k), label=name) for k, name in enumerate(res.names)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{res.spec.group}/{res.spec.name}", fontsize=10)
-    return _save(fig, path, 100)
+    return _save(fig, path, 100, rect=(0, 0.4 / height if legend else 0, 1, 1))
 
 
 def write_plots(metrics: dict, results: list[SetResult], confusion: dict | None, folder: Path, strip_crop: int) -> list[Path]:

@@ -8,7 +8,12 @@ Modes, all on the same images:
     none             the backbone alone
     adapter_<name>   the backbone with that one adapter
     oh, sw           the estimator's one-hot choice / soft blend (ABAIR)
+    pw               pixel-wise: a weight map per image from the restorer's own source (a dense
+                     estimator head or the backbone's segmentation head; Restorer mode "pw")
     oracle           the set's task adapters, uniform weights (absent when none exists)
+    pw_oracle        regions sets only: mode "pw" with the true mask as the weight map (at each
+                     pixel its region's adapter; the backbone alone on clean regions and on
+                     degradations without an adapter; keep 0)
 
 metrics.json has flat `<group>/<set>/<mode>/<metric>` keys plus per-group summaries, the
 estimator's accuracy and the parameter counts; summary.json is its short view (DVC's metrics).
@@ -27,6 +32,7 @@ import torch
 
 from tasks.core import imageio
 from tasks.core.metrics import image_metrics, psnr
+from tasks.core.weight_maps import resize_map
 from tasks.evaluate import baselines
 from tasks.evaluate.sets import GROUPS, LoadedSet, SetSpec
 
@@ -35,6 +41,11 @@ DECIMALS = 4
 SERVED_MODE = "sw"
 # An image is "made worse" by a mode when its PSNR drops below the input's by more than this.
 WORSE_DB = 0.1
+# The weights of a mode_plan entry that stand for "each image's true mask as its weight map".
+TRUE_MAP = "true_map"
+# Per image, the share of pixels where the pw map's strongest column (an adapter, or the backbone
+# alone: 1 - the adapter weights) is the true one (regions sets): whether the maps find the regions.
+MAP_ACCURACY = "map_accuracy"
 
 
 def rounded(value: float) -> float:
@@ -52,15 +63,33 @@ def adapter_names(restorer) -> list[str]:
     return list(getattr(restorer, "names", []) or [])
 
 
-def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Sequence[str]) -> list[tuple[str, str, tuple | None]]:
+def pixelwise_ready(restorer) -> bool:
+    """Whether the restorer makes weight maps of its own (mode "pw" without weights): an estimator
+    with a dense head, or a backbone that kept its segmentation head (Restorer.pw_source's rule)."""
+    if not adapter_names(restorer):
+        return False
+    estimator = getattr(restorer, "estimator", None)
+    if estimator is not None and getattr(estimator, "has_dense", False):
+        return True
+    return getattr(getattr(restorer, "backbone", None), "seg_head", None) is not None
+
+
+def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Sequence[str],
+              has_pw: bool = False) -> list[tuple[str, str, tuple | str | None]]:
     """(mode key, Restorer mode, weights) in report order; `input` has no restorer call.
 
     One adapter alone runs as Restorer mode "oh" with one-hot weights: the same function as a
     weight of 1 on that adapter, but a LoRA adapter is merged into the backbone for the pass,
     which makes it as fast as the backbone alone. An oracle with one right adapter is that same
-    call (and so runs once); with several it blends them through mode "oracle"."""
+    call (and so runs once); with several it blends them through mode "oracle". A set that names
+    its own modes runs those of `modes` only. `pw` runs when
+    the restorer makes its own maps (`has_pw`); `pw_oracle` on regions sets with an adapter for
+    one of their degradations, its weights TRUE_MAP (each image's map from its mask)."""
     def one_hot(name: str) -> tuple[float, ...]:
         return tuple(1.0 if n == name else 0.0 for n in names)
+
+    if spec.modes is not None:
+        modes = [m for m in modes if m in spec.modes]
 
     plan: list[tuple[str, str, tuple | None]] = []
     if "input" in modes:
@@ -73,12 +102,44 @@ def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Seque
         plan += [(f"adapter_{name}", "oh", one_hot(name)) for name in names]
     if has_estimator:
         plan += [(mode, mode, None) for mode in ("oh", "sw") if mode in modes]
+    if has_pw and names and "pw" in modes:
+        plan.append(("pw", "pw", None))
     right = [n for n in spec.task if n in names]
     if "oracle" in modes and len(right) == 1:
         plan.append(("oracle", "oh", one_hot(right[0])))
     elif "oracle" in modes and right:
         plan.append(("oracle", "oracle", tuple(1.0 / len(right) if n in right else 0.0 for n in names)))
+    if "pw_oracle" in modes and spec.kind == "regions" and any(n in names for n in spec.mask_classes):
+        plan.append(("pw_oracle", "pw", TRUE_MAP))
     return plan
+
+
+def true_weight_map(mask: np.ndarray, classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """The pixel-wise oracle's (K+1) x H x W weight map from a uint8 mask (bit i: classes[i] ran
+    there): at each pixel its degradations' adapters share the weight uniformly (one adapter, weight
+    1, where a region has one degradation, as in regions sets; the image-level oracle's rule where
+    several meet); pixels without a degradation that has an adapter get none (the backbone
+    alone); keep 0."""
+    k = len(names)
+    out = np.zeros((k + 1, *mask.shape), np.float32)
+    for bit, name in enumerate(classes):
+        if name in names:
+            out[names.index(name)] += (mask >> bit) & 1
+    present = out[:k].sum(axis=0)
+    out[:k] /= np.maximum(present, 1.0)
+    return out
+
+
+def map_choice(weight_map: np.ndarray) -> np.ndarray:
+    """Per pixel of a (K+1) x H x W map, its strongest column among the K adapters and the
+    backbone alone (1 - their sum): an index in [0, K], K meaning the backbone."""
+    adapters = weight_map[:-1]
+    return np.concatenate([adapters, 1.0 - adapters.sum(axis=0, keepdims=True)]).argmax(axis=0)
+
+
+def map_accuracy(used: np.ndarray, true: np.ndarray) -> float:
+    """Share of pixels where a used map (any size, resized to the true one's) picks the true map's column."""
+    return float(np.mean(map_choice(resize_map(used, *true.shape[1:])) == map_choice(true)))
 
 
 @dataclass
@@ -88,9 +149,12 @@ class SetResult:
     sizes: list[tuple[int, int]]
     per_image: dict[str, dict[str, list[float]]]            # mode -> metric -> values
     predictions: list[str] = field(default_factory=list)    # estimator argmax per image
-    strips: dict[str, list[np.ndarray]] = field(default_factory=dict)   # input / output / target
+    # input / output (strip_mode) / target, and when they ran: pw (its output), pw_map (the map
+    # it used, (K+1) x h x w), pw_weights (its per-image mean, weights_summary), true_map
+    strips: dict[str, list[np.ndarray]] = field(default_factory=dict)
     strip_mode: str | None = None
     input_psnr: list[float] = field(default_factory=list)    # per image, whether or not `input` ran
+    names: list[str] = field(default_factory=list)           # the weight maps' adapter columns
 
     def mean(self, mode: str, metric: str) -> float:
         return float(np.mean(self.per_image[mode][metric]))
@@ -136,23 +200,57 @@ def _estimator_weights(restorer, done: dict, x: torch.Tensor, names: list[str], 
     return weights
 
 
+def _true_maps(loaded: LoadedSet, batch: list[int], names: list[str]) -> np.ndarray:
+    """B x (K+1) x H x W: the batch's true weight maps (a regions set's masks)."""
+    if loaded.masks is None:
+        raise ValueError(f"set {loaded.spec.name!r} has no masks for the pixel-wise oracle")
+    return np.stack([true_weight_map(loaded.masks[i], loaded.spec.mask_classes, names) for i in batch])
+
+
+def _restore_call(restorer, x: torch.Tensor, mode: str, weights, true_maps, cfg: dict, temperature):
+    """One Restorer.restore call of a plan entry: TRUE_MAP weights become the batch's true maps,
+    and mode "pw" without weights uses evaluate.pw_source when it is set."""
+    extra = {}
+    if weights == TRUE_MAP:
+        weights = torch.from_numpy(true_maps()).to(x.device)
+    elif weights is not None:
+        weights = list(weights)
+    elif mode == "pw" and cfg.get("pw_source"):
+        extra["pw_source"] = cfg["pw_source"]
+    return restorer.restore(x, mode=mode, weights=weights, temperature=temperature,
+                            max_pixels=cfg.get("max_pixels"), **extra)
+
+
+def _to_image(out: torch.Tensor, j: int) -> np.ndarray:
+    return imageio.to_uint8(out[j].permute(1, 2, 0).cpu().numpy())
+
+
 def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None) -> SetResult:
     names = adapter_names(restorer)
     y_channel = bool(cfg.get("y_channel", False))
-    max_pixels = cfg.get("max_pixels")
     temperature = cfg.get("temperature") or getattr(restorer, "temperature", 1.0)
     n_strips = int(cfg.get("strips", 3))
-    strip_mode = next((m for m in ("sw", "oh", "oracle", "none") if any(p[0] == m for p in plan)), None)
+    strip_mode = next((m for m in ("sw", "oh", "oracle", "none", "pw") if any(p[0] == m for p in plan)), None)
     per_image: dict[str, dict[str, list[float]]] = {key: {} for key, _, _ in plan}
     predictions: list[str] = []
     input_psnr: list[float] = []
-    strips: dict[str, list[np.ndarray]] = {"input": [], "output": [], "target": []}
+    strips: dict[str, list] = {"input": [], "output": [], "target": []}
     for batch in _batches([x.shape for x in loaded.inputs], int(cfg.get("batch", 8))):
         x = _stack([loaded.inputs[i] for i in batch], device)
         y = _stack([loaded.targets[i] for i in batch], device)
         done: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        cached_maps: list[np.ndarray] = []
+
+        def true_maps() -> np.ndarray:
+            if not cached_maps:
+                cached_maps.append(_true_maps(loaded, batch, names))
+            return cached_maps[0]
+
         input_psnr.extend(float(v) for v in psnr(x, y).cpu())
+        # the strips show the set's first images: this batch's share of them
+        take = batch[:max(n_strips - len(strips["output"]), 0)] if strip_mode is not None else []
         for key, mode, weights in plan:
+            used = None
             if mode == "input":
                 out = x
             elif mode == "baseline":
@@ -162,23 +260,45 @@ def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None)
             else:
                 call = (mode, weights)
                 if call not in done:
-                    done[call] = restorer.restore(x, mode=mode, weights=None if weights is None else list(weights),
-                                                  temperature=temperature, max_pixels=max_pixels)
+                    done[call] = _restore_call(restorer, x, mode, weights, true_maps, cfg, temperature)
                     if bar is not None:
                         bar.update(len(batch))
-                out, _ = done[call]
+                out, used = done[call]
             for metric, values in image_metrics(out, y, y_channel).items():
                 per_image[key].setdefault(metric, []).extend(values)
-            if key == strip_mode and len(strips["output"]) < n_strips:
-                take = batch[:n_strips - len(strips["output"])]
-                strips["output"].extend(imageio.to_uint8(out[j].permute(1, 2, 0).cpu().numpy()) for j in range(len(take)))
-                strips["input"].extend(loaded.inputs[i] for i in take)
-                strips["target"].extend(loaded.targets[i] for i in take)
+            if key == "pw" and loaded.masks is not None and names:
+                maps = used.cpu().numpy()
+                per_image[key].setdefault(MAP_ACCURACY, []).extend(
+                    map_accuracy(maps[j], truth) for j, truth in enumerate(true_maps()))
+            if not take:
+                continue
+            if key == strip_mode:
+                strips["output"].extend(_to_image(out, j) for j in range(len(take)))
+            if key == "pw":
+                _keep_pw_strips(strips, out, used, len(take), pw_column=strip_mode != "pw")
+        if take:
+            strips["input"].extend(loaded.inputs[i] for i in take)
+            strips["target"].extend(loaded.targets[i] for i in take)
+            if any(entry[2] == TRUE_MAP for entry in plan):
+                strips.setdefault("true_map", []).extend(true_maps()[:len(take)])
         est_weights = _estimator_weights(restorer, done, x, names, temperature)
         if est_weights is not None:
             predictions.extend(names[int(k)] for k in est_weights[:, :len(names)].argmax(dim=1).cpu())
     return SetResult(loaded.spec, len(loaded.inputs), loaded.sizes, per_image, predictions, strips, strip_mode,
-                     input_psnr)
+                     input_psnr, names)
+
+
+def _keep_pw_strips(strips: dict, out: torch.Tensor, used: torch.Tensor, count: int, pw_column: bool) -> None:
+    """The strips' pw columns for the first `count` images of a batch: its output (unless pw is
+    the strip's output already), the map it used and that map's per-image mean."""
+    from models.restorer import weights_summary
+
+    summary = weights_summary(used[:count]).cpu().numpy()
+    maps = used[:count].cpu().numpy()
+    if pw_column:
+        strips.setdefault("pw", []).extend(_to_image(out, j) for j in range(count))
+    strips.setdefault("pw_map", []).extend(maps[j] for j in range(count))
+    strips.setdefault("pw_weights", []).extend(summary[j] for j in range(count))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from tasks.core import paths, storage
 from tasks.core.errors import AbairError
 from tasks.evaluate.plots import write_plots
 from tasks.evaluate.run import (
-    SetResult, adapter_names, build_metrics, estimator_confusion, evaluate_set, mode_plan, summary_metrics,
+    SetResult, adapter_names, build_metrics, estimator_confusion, evaluate_set, mode_plan, pixelwise_ready,
+    summary_metrics,
 )
 from tasks.evaluate.sets import load_set, parse_sets, protocol, set_folder, suite_fingerprint
 from tasks.evaluate.tables import mode_label, results_markdown
@@ -44,9 +45,23 @@ def _estimator_temperature(path: Path) -> float:
         return 1.0
 
 
-def load_restorer(checkpoints: str, device) -> Any:
+def pw_source_of(cfg: dict) -> str | None:
+    """evaluate.pw_source: where mode pw's maps come from (null: the restorer's default, a dense
+    estimator head when there is one, else the backbone's segmentation head)."""
+    from models.restorer import PW_SOURCES
+
+    source = cfg.get("pw_source")
+    if source is not None and source not in PW_SOURCES:
+        raise AbairError("evaluate.pw_source", f"must be one of {list(PW_SOURCES)} or null, got {source!r}")
+    return source
+
+
+def load_restorer(checkpoints: str, device, cfg: dict | None = None) -> Any:
     """The system in a checkpoints folder: backbone required; adapters and estimator optional
-    (their modes are then skipped, with a warning)."""
+    (their modes are then skipped, with a warning). When mode pw is evaluated (`cfg`'s modes) and
+    its maps may come from the segmentation head (evaluate.pw_source seg, or null with an estimator
+    without a dense head), the backbone keeps that head; otherwise it is dropped, as it changes no
+    restored pixel (and the parameter counts stay those of what runs)."""
     from tasks.core.components import load_system
     from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 
@@ -62,7 +77,13 @@ def load_restorer(checkpoints: str, device) -> Any:
         log.warning("evaluate: no adapters in %s: only the input and backbone modes run", folder)
     elif estimator is None:
         log.warning("evaluate: no estimator in %s: OH and SW do not run", folder)
-    restorer = load_system(backbone, adapters, estimator, device)
+    cfg = cfg or {}
+    source = pw_source_of(cfg)
+    wants_seg = "pw" in protocol(cfg)["modes"] and source != "dense" and adapters is not None
+    restorer = load_system(backbone, adapters, estimator, device, keep_seg_head=wants_seg)
+    dense = restorer.estimator is not None and getattr(restorer.estimator, "has_dense", False)
+    if wants_seg and source is None and dense and restorer.backbone.seg_head is not None:
+        restorer.backbone.drop_seg_head()      # the dense head makes the maps
     restorer.temperature = _estimator_temperature(estimator) if estimator is not None else 1.0
     return restorer
 
@@ -87,12 +108,15 @@ def evaluate_restorer(restorer, cfg: dict, shards: str = paths.SHARDS, reports: 
     cache = cfg.get("cache", paths.EVAL_CACHE)
     names = adapter_names(restorer)
     has_estimator = bool(names) and getattr(restorer, "estimator", None) is not None
+    has_pw = pixelwise_ready(restorer)
+    if "pw" in proto["modes"] and names and not has_pw:
+        log.warning("evaluate: mode pw skipped: the estimator has no dense head and the backbone no segmentation head")
 
     folders = [set_folder(spec, shards, cache) for spec in specs]
     # Every file of every set is read once up front, so a bad one stops the run before any model
     # time is spent; the sets are then loaded again one at a time, keeping memory to one set.
     sizes = [len(load_set(spec, folder, proto["multiple"]).inputs) for spec, folder in zip(specs, folders)]
-    plans = [mode_plan(spec, names, has_estimator, proto["modes"]) for spec in specs]
+    plans = [mode_plan(spec, names, has_estimator, proto["modes"], has_pw) for spec in specs]
     passes = sum(n * len({(m, w) for _, m, w in plan if m != "input"}) for n, plan in zip(sizes, plans))
     log.info("evaluate: %d sets, %d images, adapters %s, estimator %s, %d image passes on %s",
              len(specs), sum(sizes), names or "none", "yes" if has_estimator else "no", passes, device)
@@ -150,7 +174,7 @@ def evaluate(cfg: dict, checkpoints: str = paths.CHECKPOINTS, shards: str = path
     (backbone.safetensors, adapters/*.safetensors, estimator.safetensors), writes reports (and
     logs an MLflow run) when `reports` is given, and returns the flat metrics dict (metrics.json)."""
     device = _device(cfg.get("device", "auto"))
-    restorer = load_restorer(checkpoints, device)
+    restorer = load_restorer(checkpoints, device, cfg)
     info = {"checkpoints": checkpoints}
     if reports is None:
         return evaluate_restorer(restorer, cfg, shards, None, progress, info)

@@ -9,12 +9,15 @@ import numpy as np
 
 from tasks.core.metrics import PSNR_CAP
 from tasks.evaluate import baselines
-from tasks.evaluate.run import SERVED_MODE, WORSE_DB, SetResult, rounded
+from tasks.evaluate.run import MAP_ACCURACY, SERVED_MODE, WORSE_DB, SetResult, rounded
 from tasks.evaluate.sets import GROUPS, parse_sets
 
-GROUP_TITLES = {"known": "Known degradations", "unseen": "Unseen degradations", "mixed": "Mixed degradations"}
+GROUP_TITLES = {"known": "Known degradations", "unseen": "Unseen degradations", "mixed": "Mixed degradations",
+                "regions": "Regions with different degradations"}
 MODE_LABELS = {"input": "Input", "baseline": "Baseline (classical)", "none": "Backbone", "oh": "ABAIR (OH)",
-               "sw": "ABAIR (SW)", "oracle": "Oracle"}
+               "sw": "ABAIR (SW)", "pw": "ABAIR (PW)", "oracle": "Oracle", "pw_oracle": "Oracle (pixel-wise)"}
+# Modes that know the answer: shown, never bold (the best method "short of the oracle").
+ORACLE_MODES = ("oracle", "pw_oracle")
 # The modes of the "made worse" table: the served one and what a user would use instead.
 WORSE_MODES = (SERVED_MODE, "baseline")
 
@@ -42,13 +45,13 @@ def ordered_sets(names: Iterable[str], set_order: Sequence[str]) -> list[str]:
 
 def ordered_modes(modes: Iterable[str], set_order: Sequence[str] = ()) -> list[str]:
     """Input, Baseline, Backbone, adapters (in the order of the sets they serve, then by name), OH,
-    SW, Oracle."""
+    SW, PW, Oracle, Oracle (pixel-wise)."""
     modes = set(modes)
     adapters = [m for m in modes if m.startswith("adapter_")]
     rank = {name: i for i, name in enumerate(set_order)}
     adapters.sort(key=lambda m: (rank.get(m[len("adapter_"):], len(rank)), m))
     head = [m for m in ("input", "baseline", "none") if m in modes]
-    tail = [m for m in ("oh", "sw", "oracle") if m in modes]
+    tail = [m for m in ("oh", "sw", "pw", "oracle", "pw_oracle") if m in modes]
     rest = sorted(modes - set(head) - set(tail) - set(adapters))
     return head + adapters + rest + tail
 
@@ -62,7 +65,7 @@ def method_params(metrics: dict, mode: str) -> int | None:
         return backbone
     if mode.startswith("adapter_"):
         return backbone + metrics.get(f"params/adapter/{mode[len('adapter_'):]}", 0)
-    if mode == "oracle":
+    if mode in ORACLE_MODES:
         return backbone + metrics.get("params/adapters", 0)
     return metrics.get("params/total")
 
@@ -90,7 +93,7 @@ def group_table(metrics: dict, group: str, set_order: Sequence[str] = ()) -> tup
     columns = [*sets, None]
     best = {}
     for col in columns:
-        scores = [pair(m, col)[0] for m in modes if m != "oracle"]
+        scores = [pair(m, col)[0] for m in modes if m not in ORACLE_MODES]
         scores = [s for s in scores if s is not None]
         best[col] = max(scores) if scores else None
     rows, records = [], []
@@ -103,7 +106,7 @@ def group_table(metrics: dict, group: str, set_order: Sequence[str] = ()) -> tup
                 cells.append("-")
             else:
                 text = f"{p:.2f}/{s:.3f}" if s is not None else f"{p:.2f}"
-                cells.append(f"**{text}**" if mode != "oracle" and p == best[col] else text)
+                cells.append(f"**{text}**" if mode not in ORACLE_MODES and p == best[col] else text)
             record[f"{label} psnr"] = p
             record[f"{label} ssim"] = s
         n = method_params(metrics, mode)
@@ -115,10 +118,12 @@ def group_table(metrics: dict, group: str, set_order: Sequence[str] = ()) -> tup
 
 
 def modes_table(metrics: dict) -> tuple[list[str], list[list[str]], list[dict]]:
-    """OH vs SW vs Oracle (and the classical baseline and the backbone), averaged per group over
-    the sets where all of them exist."""
+    """OH vs SW vs PW vs Oracle (and the classical baseline, the backbone and the pixel-wise
+    oracle), averaged per group over the sets where all of them exist. The pixel-wise oracle runs
+    on regions sets only: it does not narrow the sets, and shows where every counted set has it."""
     tree = metrics_tree(metrics)
-    compared = ["baseline", "none", "oh", "sw", "oracle"]
+    compared = ["baseline", "none", "oh", "sw", "pw", "oracle", "pw_oracle"]
+    optional = ("pw_oracle",)
     header = ["Group", "Sets", *[mode_label(m) for m in compared]]
     rows, records = [], []
     for scope in (*GROUPS, "all"):
@@ -127,13 +132,13 @@ def modes_table(metrics: dict) -> tuple[list[str], list[list[str]], list[dict]]:
         present = [m for m in compared if any(m in s for s in members)]
         if not members or not present:
             continue
-        common = [s for s in members if all(m in s for m in present)]
+        common = [s for s in members if all(m in s for m in present if m not in optional)]
         if not common:
             continue
         cells = [scope, f"{len(common)}/{len(members)}"]
         record = {"group": scope, "sets": len(common), "of": len(members)}
         for mode in compared:
-            if mode not in present:
+            if mode not in present or not all(mode in s for s in common):
                 cells.append("-")
                 record[f"{mode} psnr"] = record[f"{mode} ssim"] = None
                 continue
@@ -211,7 +216,7 @@ def _preamble(results: list[SetResult], info: dict) -> list[str]:
             f"on RGB in [0, 1] (torchmetrics, per image, then the set mean; PSNR capped at {PSNR_CAP:g} dB)"
             + ("; Y-channel (BT.601) figures in metrics.json" if info["protocol"]["y_channel"] else "")
             + ". Cells are PSNR/SSIM; **bold** is the best method short of the oracle. Params: parameters the "
-              "method runs with (backbone, + its adapter(s), + the estimator for OH/SW). Baseline (classical): what a "
+              "method runs with (backbone, + its adapter(s), + the estimator for OH/SW/PW). Baseline (classical): what a "
               "user would reach for instead, chosen by the set's task (dark channel prior for haze, gamma + CLAHE for "
               "low light, non-local means for noise; the input where none exists; tasks/evaluate/baselines.py).", ""]
 
@@ -229,13 +234,17 @@ def _group_sections(metrics: dict, results: list[SetResult], tree: dict) -> list
         out += [f"## Table {table_no}: {GROUP_TITLES[group].lower()}", ""]
         if group == "unseen":
             out += ["No adapter was trained for these degradations; an oracle row appears only where one exists.", ""]
+        if group == "regions":
+            out += _regions_note(metrics, sets)
         out += [_markdown(header, rows), ""]
         out += ["Sets: " + "; ".join(f"`{r.spec.name}` = {r.spec.describe()}, {r.images} images" for r in sets), ""]
         table_no += 1
     header, rows, _ = modes_table(metrics)
-    out += [f"## Table {table_no}: OH vs SW vs oracle", "",
+    out += [f"## Table {table_no}: OH vs SW vs PW vs oracle", "",
             "Means over the sets of each group where every listed mode ran (Sets: used/all), next to the "
-            "classical baseline and the backbone alone.", "",
+            "classical baseline and the backbone alone. PW: the pixel-wise mode (a weight map per image); "
+            "Oracle (pixel-wise): the true mask as the map, on regions sets only (shown where every "
+            "counted set has it).", "",
             _markdown(header, rows), ""]
     table_no += 1
     header, rows, _ = worse_table(metrics, order)
@@ -246,6 +255,20 @@ def _group_sections(metrics: dict, results: list[SetResult], tree: dict) -> list
                 "Every mode's share is in metrics.json (`<group>/<set>/<mode>/worse`).", "",
                 _markdown(header, rows), ""]
     return out
+
+
+def _regions_note(metrics: dict, sets: list[SetResult]) -> list[str]:
+    """What a regions table compares, and how well the pw maps found the regions."""
+    note = ("Each image is split into regions, each with one degradation (or none). Oracle: the set's adapters "
+            "blended uniformly over the whole image; Oracle (pixel-wise): at each pixel its region's adapter "
+            "(the backbone alone on clean regions and on degradations without an adapter).")
+    accuracy = [(r.spec.name, metrics.get(f"regions/{r.spec.name}/pw/{MAP_ACCURACY}")) for r in sets]
+    accuracy = [(name, value) for name, value in accuracy if value is not None]
+    if accuracy:
+        note += (" PW map accuracy (share of pixels whose strongest map column, an adapter or the backbone "
+                 "alone, is the true one): " + ", ".join(f"`{name}` {100 * value:.0f}%" for name, value in accuracy)
+                 + ".")
+    return [note, ""]
 
 
 def _sets_table(results: list[SetResult], table_no: int) -> list[str]:
@@ -279,7 +302,8 @@ def _plot_links(results: list[SetResult], confusion: dict | None, tree: dict) ->
     out += [f"- [{GROUP_TITLES[g]}](plots/bars_{g}.png)" for g in GROUPS if g in tree]
     if confusion is not None and confusion["rows"]:
         out.append("- [Estimator confusion](plots/confusion.png)")
-    out += [f"- strip `{r.spec.name}`: [input / output / target](plots/strips/{r.spec.name}.png)"
+    out += [f"- strip `{r.spec.name}`: [input / output{' / pw and its weight map' if r.strips.get('pw_map') else ''}"
+            f"{' / true weights' if r.strips.get('true_map') else ''} / target](plots/strips/{r.spec.name}.png)"
             for r in results if r.strips.get("output")]
     return out
 

@@ -4,6 +4,10 @@
 version whose metrics came from another suite) and moves `champion` on pass, the one before
 keeping `previous`; with no champion yet an absolute floor decides. `rollback` moves `champion`
 back to `previous`. A verdict, pass or fail, is stored as tags on the challenger.
+
+The gate compares one mode (register.gate.mode): a mode the system serves, `sw` (the default of
+`abair restore`), `oh`, `pw` (pixel-wise) or `none`; its figures are the evaluation's
+`<group>/<set>/<mode>/<metric>` and `summary/all/<mode>/<metric>` keys.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ from tasks.evaluate.stage import evaluate
 from tasks.registry.store import (CHALLENGER, CHAMPION, PREVIOUS, RESTORER, SUITE_TAG, alias_version, delete_alias,
                                   download_components, metrics_of, numeric_metrics, registry_client, registry_errors,
                                   resolve, set_alias)
+
+
+GATE_MODES = ("sw", "oh", "pw", "none")
+
+
+def gate_mode(gate: Mapping[str, Any]) -> str:
+    """register.gate.mode, checked: one of GATE_MODES (an oracle knows the answer; it serves nothing)."""
+    mode = gate.get("mode", "sw")
+    if mode not in GATE_MODES:
+        raise AbairError("register.gate.mode", f"must be one of {list(GATE_MODES)} (a mode the system serves), got {mode!r}")
+    return mode
+
+
+def _not_evaluated(mode: str) -> str:
+    return f"(is `{mode}` in evaluate.modes?)"
 
 
 @dataclass
@@ -45,7 +64,7 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float], gate
     """Relative gate: the challenger's average not lower than the champion's (by more than
     avg_tolerance_db) and no task worse by more than task_tolerance_db. Tasks only the challenger
     has (a new degradation) are shown but do not gate."""
-    mode, metric = gate.get("mode", "sw"), gate.get("metric", "psnr")
+    mode, metric = gate_mode(gate), gate.get("metric", "psnr")
     task_tol, avg_tol = float(gate["task_tolerance_db"]), float(gate.get("avg_tolerance_db", 0.0))
     verdict = Verdict(True, against)
 
@@ -75,7 +94,7 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float], gate
     old, new = champion.get(key), challenger.get(key)
     if old is None or new is None:
         verdict.passed = False
-        verdict.reasons.append(f"no average ({key}) to compare")
+        verdict.reasons.append(f"no average ({key}) to compare " + _not_evaluated(mode))
         verdict.rows.append({"task": "average", "champion": old, "challenger": new, "change": None, "status": "FAIL: missing"})
     else:
         ok = new - old >= -avg_tol
@@ -90,7 +109,7 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float], gate
 def floor_check(challenger: Mapping[str, float], gate: Mapping[str, Any]) -> Verdict:
     """The first champion: average PSNR at least floor_psnr_db and at least min_gain_db above
     the unrestored input's."""
-    mode = gate.get("mode", "sw")
+    mode = gate_mode(gate)
     verdict = Verdict(True, "floor")
     average, raw = challenger.get(f"summary/all/{mode}/psnr"), challenger.get("summary/all/input/psnr")
     floor, min_gain = float(gate["floor_psnr_db"]), float(gate["min_gain_db"])
@@ -101,7 +120,8 @@ def floor_check(challenger: Mapping[str, float], gate: Mapping[str, Any]) -> Ver
         if not ok:
             verdict.passed = False
             verdict.reasons.append(f"{name} {_fmt(value)} dB below the floor {threshold:.2f} dB" if value is not None
-                                   else f"{name}: not in the metrics")
+                                   else f"{name}: summary/all/{mode}/psnr or summary/all/input/psnr not in the metrics "
+                                        + _not_evaluated(mode))
         verdict.rows.append({"task": name, "champion": threshold, "challenger": value,
                              "change": None if value is None else value - threshold, "status": "ok" if ok else "FAIL"})
     return verdict
@@ -179,6 +199,7 @@ def promote(gate: Mapping[str, Any], *, eval_cfg: dict | None = None, shards: st
     On fail nothing moves and the reason is stored as a tag on the challenger; dry_run changes
     nothing at all.
     """
+    gate_mode(gate)   # a wrong mode is one error before the registry is touched
     client = registry_client(must_exist=True)
     evaluator = evaluator or Evaluator()
     ref = f"models:/{RESTORER}/{challenger}" if challenger else f"models:/{RESTORER}@{CHALLENGER}"

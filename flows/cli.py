@@ -40,7 +40,7 @@ def stage_params(args, section: str) -> dict:
 
 
 def cmd_synthesize(args) -> None:
-    from tasks.data.synthesize import synthesize
+    from flows.synthesize import run_synthesize
 
     cfg = stage_params(args, "synthesize")
     if args.count is not None:
@@ -49,7 +49,7 @@ def cmd_synthesize(args) -> None:
         cfg["seed"] = args.seed
     if args.workers is not None:
         cfg["workers"] = args.workers
-    synthesize(cfg, source=args.source, out=args.out)
+    run_synthesize(cfg, source=args.source, out=args.out)
 
 
 def cmd_degrade(args) -> None:
@@ -137,7 +137,7 @@ def cmd_manifest(args) -> None:
     cfg = stage_params(args, "synthesize")
     manifest = source_manifest(args.source or cfg["source"], cfg.get("endpoint_url"))
     changed = write_manifest(manifest, args.out)
-    print(f"{args.out}: {len(manifest['files'])} source images, {'changed' if changed else 'unchanged'} ({manifest['hash']})")
+    print(f"{args.out}: {len(manifest['files'])} source files, {'changed' if changed else 'unchanged'} ({manifest['hash']})")
 
 
 def cmd_flow(args) -> None:
@@ -204,7 +204,7 @@ ADAPTER_PATHS = (arg("--backbone", default=paths.BACKBONE), arg("--shards", defa
 
 COMMANDS: tuple[Command, ...] = (
     Command("synthesize", "clean images -> degraded webdataset shards", cmd_synthesize, params=True, args=(
-        arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params)"),
+        arg("--source", help="folder, s3://bucket/prefix, `samples` or gldv2:ROOT?split=train&subset=clean (default: params)"),
         arg("--out", help="folder or s3://bucket/prefix for the shards (default: params)"),
         arg("--count", type=int, help="samples per source image"),
         arg("--seed", type=int),
@@ -245,9 +245,9 @@ COMMANDS: tuple[Command, ...] = (
         arg("--seed", type=int, default=0),
         arg("--real", nargs="*", metavar="NAME=FOLDER",
             help="real pairs to show beside the model, e.g. noise=../shared/data/train/PolyU_part60"))),
-    Command("manifest", "list the clean source images by content (data/source_manifest.json)", cmd_manifest,
+    Command("manifest", "list the clean source files by content (data/source_manifest.json)", cmd_manifest,
             params=True, args=(
-        arg("--source", help="folder, s3://bucket/prefix or `samples` (default: params synthesize.source)"),
+        arg("--source", help="folder, s3://bucket/prefix, `samples` or gldv2:ROOT?... (default: params synthesize.source)"),
         arg("--out", default=paths.SOURCE_MANIFEST))),
     Command("flow", "run the pipeline (or synthesis alone) as Prefect flows instead of DVC stages", cmd_flow, args=(
         arg("name", choices=["pipeline", "synthesize"]),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from models.adapters import read_adapter_metadata
-from tasks.core import paths, tracking
+from tasks.core import paths, storage, tracking
 from tasks.core.components import adapter_files, file_sha256
 from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
@@ -97,6 +97,33 @@ def training_params_hash(params: Mapping[str, Any]) -> str:
     return params_hash({k: params.get(k) for k in TRAINING_SECTIONS})
 
 
+def data_license(shards: str) -> dict | None:
+    """What the shard set's licenses come to (index.json's `licenses`, samples per license), the
+    share-alike ones and where the full per-image list lives; None for a source without license
+    information (the built-in samples, a folder)."""
+    index = reader.load_index(shards)
+    if not index.get("licenses"):
+        return None
+    return {"licenses": index["licenses"], "samples": index["counts"]["samples"], "source": index["source"],
+            "share_alike": index.get("share_alike", []), "attribution": storage.join(shards, index["attribution"])}
+
+
+def license_tag(summary: dict) -> str:
+    """`CC BY 2.0: 120, CC BY-SA 3.0: 80 (samples); full list: data/shards/ATTRIBUTION.csv`, within
+    MLflow's tag length."""
+    counts = ", ".join(f"{name}: {n}" for name, n in sorted(summary["licenses"].items(), key=lambda kv: -kv[1]))
+    tail = f" (samples); full list: {summary['attribution']}"
+    return (counts if len(counts) + len(tail) <= 4000 else counts[:4000 - len(tail) - 3] + "...") + tail
+
+
+def share_alike_note(summary: dict | None) -> str:
+    if not summary or not summary["share_alike"]:
+        return ""
+    shared = sum(summary["licenses"][name] for name in summary["share_alike"])
+    return (f". Trained on share-alike images ({', '.join(summary['share_alike'])}: {shared} of {summary['samples']} "
+            f"samples): check what those licenses ask of the model; attribution in {summary['attribution']}")
+
+
 def data_fingerprint(shards: str, checkpoints: str | Path) -> str:
     """The shard set's hash plus each adapter's data source (a paired folder or synthetic)."""
     index = reader.load_index(shards)
@@ -167,18 +194,23 @@ def _ensure_model(client, name: str, description: str) -> None:
 
 def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, Any] | None = None, *,
              params: str, data: str, suite: str | None, save_restorer: SaveRestorer, commit: str | None = None,
-             aliases: bool = True) -> dict:
+             aliases: bool = True, licenses: dict | None = None) -> dict:
     """Register the components in `checkpoints` and the composite restorer.
 
     params / data / suite: the training params hash, the data fingerprint and the evaluation suite
     the metrics came from. Content already registered (same files, same params) is not registered
     again: its existing versions are returned (`created` False) and get the `challenger` alias.
     save_restorer writes the restorer's pyfunc model folder (tasks.serve.pyfunc.save_restorer).
+    licenses: the training data's license summary (data_license), carried by every version's tags
+    (`abair.data_license`), the restorer's model files (metadata `data_license`) and, for
+    share-alike data, the restorer version's description.
     """
     metrics = numeric_metrics(metrics or {})
     parts = components(checkpoints)
     content = content_hash(parts, params)
     common = _provenance_tags(params, data, suite, commit)
+    if licenses:
+        common["abair.data_license"] = license_tag(licenses)
     client = registry_client(must_exist=False)
     what = f"models:/{RESTORER}"
     with registry_errors(what):
@@ -189,7 +221,7 @@ def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, 
             result = _result(existing, versions, created=False, created_components=[])
             log.info("register: %s is already registered as version %s (content %s)", RESTORER, existing.version, content)
         else:
-            result = _register_new(client, parts, content, metrics, common, save_restorer)
+            result = _register_new(client, parts, content, metrics, common, save_restorer, licenses)
         if aliases:
             set_alias(client, result["restorer"]["version"], CHALLENGER, mirror=True)
     return result
@@ -209,7 +241,7 @@ def _register_component(client, run_id: str, artifact_root: str, part: Component
 
 
 def _register_new(client, parts: list[Component], content: str, metrics: dict[str, float], common: dict,
-                  save_restorer: SaveRestorer) -> dict:
+                  save_restorer: SaveRestorer, licenses: dict | None = None) -> dict:
     run = tracking.start_run("register", tags={"abair.stage": "register", CONTENT_TAG: content})
     artifact_root = client.get_run(run.run_id).info.artifact_uri.rstrip("/")
     versions, created = {}, []
@@ -221,8 +253,8 @@ def _register_new(client, parts: list[Component], content: str, metrics: dict[st
                 created.append(part.label)
             versions[part.label] = version
         with tempfile.TemporaryDirectory(prefix="abair-restorer-") as tmp:
-            model_dir = save_restorer(parts[0].path.parent, Path(tmp) / "restorer",
-                                      metadata={"content_hash": content, **{k: v for k, v in common.items()}})
+            metadata = {"content_hash": content, **common, **({"data_license": licenses} if licenses else {})}
+            model_dir = save_restorer(parts[0].path.parent, Path(tmp) / "restorer", metadata=metadata)
             client.log_artifacts(run.run_id, str(model_dir), "restorer")
         _ensure_model(client, RESTORER, DESCRIPTIONS[RESTORER])
         tags = {**common, **metric_tags(metrics), CONTENT_TAG: content,
@@ -231,7 +263,7 @@ def _register_new(client, parts: list[Component], content: str, metrics: dict[st
                 **{f"{SHA_TAG}.{p.label}": p.sha256 for p in parts}}
         described = ", ".join(f"{label} v{v.version}" for label, v in versions.items())
         restorer = client.create_model_version(RESTORER, f"{artifact_root}/restorer", run_id=run.run_id, tags=tags,
-                                               description=f"components: {described}")
+                                               description=f"components: {described}" + share_alike_note(licenses))
         run.set_tags({"abair.restorer_version": restorer.version})
         run.end()
     except BaseException:
@@ -271,7 +303,7 @@ def register_evaluated(params: dict, checkpoints: str = paths.CHECKPOINTS,
     metrics = read_metrics(metrics_path)
     suite = (evaluator or Evaluator()).suite(params.get("evaluate") or {}, shards)
     result = register(checkpoints, metrics, params=training_params_hash(params), data=data_fingerprint(shards, checkpoints),
-                      suite=suite, save_restorer=save_restorer)
+                      suite=suite, save_restorer=save_restorer, licenses=data_license(shards))
     restorer = result["restorer"]
     echo(f"registered: {RESTORER} version {restorer['version']}" + ("" if restorer["created"] else " (already registered)")
          + "; " + ", ".join(f"{c['name']} v{c['version']}" for c in result["components"].values()))

@@ -12,6 +12,13 @@ everything else frozen, to maximise each sample's PSNR of the served blend
 `keep * input + (1 - keep) * restored`, where `restored` is the system's SW output (`keep_loss`).
 Keep should be high exactly where the restoration hurts (a clean photo, an adapter applied where it
 does not belong, a degradation no adapter knows: `keep_extra`) and near zero where it helps.
+
+Dense head (`dense`, the pixel-wise mode's weight map): each sample also carries a per-pixel target
+map at the crop's resolution (target_map_from_mask: composite samples from the shard mask, uniform
+over the handled degradations present at a pixel, `base` where none is; every other sample its
+image-level target everywhere), and the first step's loss adds `dense_weight` x the per-pixel soft
+cross-entropy at the map's resolution (dense_cross_entropy). The map is scored against the
+validation shards' masks (dense_scores: per-class IoU and per-pixel accuracy, in estimator.json).
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ class EstimatorSample:
 
     def __init__(self, sources: list[dict], shard_classes: list[str], p_single: float, crop: int,
                  base: bool = False, p_clean: float = 0.0, faint: float = 0.1, options: dict | None = None,
-                 p_gray: float = 0.0, extra: tuple[str, ...] = (), p_extra: float = 0.0):
+                 p_gray: float = 0.0, extra: tuple[str, ...] = (), p_extra: float = 0.0, dense: bool = False):
         self.sources, self.p_single, self.crop = sources, p_single, crop
         self.options = options or {}
         # p_gray: synthetic samples drawn from a grey copy of the crop (grey photos are not haze);
@@ -80,9 +87,10 @@ class EstimatorSample:
         # what matters is whether the network helps, not which adapter is right
         self.p_gray, self.extra, self.p_extra = p_gray, tuple(extra), p_extra
         self.base, self.p_clean, self.faint = base, p_clean, faint
+        # dense: items get a fourth member, the per-pixel target map (C x H x W, C = K [+ base])
+        self.dense = dense
         self.names = [s["name"] for s in sources]
-        # bit i of the shard mask -> adapter column (or -1 when no adapter handles that class)
-        self.column_of_bit = [self.names.index(c) if c in self.names else -1 for c in shard_classes]
+        self.column_of_bit = mask_columns(shard_classes, self.names)
         self._folders: dict[str, reader.PairedFolder] = {}
         self._pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -103,6 +111,16 @@ class EstimatorSample:
             clean = imageio.to_grey_rgb(clean)
         return clean
 
+    def _item(self, degraded: np.ndarray, clean: np.ndarray, target: np.ndarray, pixels: np.ndarray | None = None):
+        """(degraded, clean, target[, target map]): the map is `pixels` or, when None, the
+        image-level target at every pixel."""
+        item = (reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target))
+        if not self.dense:
+            return item
+        if pixels is None:
+            pixels = np.broadcast_to(target[:, None, None], (len(target), *degraded.shape[:2]))
+        return (*item, torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+
     def __call__(self, sample: dict, rng: np.random.Generator):
         target = np.zeros(len(self.names) + int(self.base), np.float32)
         if self.extra and rng.random() < self.p_extra:
@@ -110,7 +128,7 @@ class EstimatorSample:
             name = self.extra[int(rng.integers(0, len(self.extra)))]
             degraded, _ = composite.draw(clean, rng, name, (0.2, 1.0))
             target[-1] = 1.0
-            return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
+            return self._item(degraded, clean, target)
         if self.base and rng.random() < self.p_clean:
             clean = self._clean(sample, rng)
             degraded = clean
@@ -118,7 +136,7 @@ class EstimatorSample:
                 name = self.names[int(rng.integers(0, len(self.names)))]
                 degraded, _ = composite.draw(clean, rng, name, (0.0, self.faint), self.options.get(name))
             target[-1] = 1.0
-            return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
+            return self._item(degraded, clean, target)
         if rng.random() < self.p_single:
             k = int(rng.integers(0, len(self.names)))
             source = self.sources[k]
@@ -143,12 +161,50 @@ class EstimatorSample:
             if target.sum() == 0:
                 return None  # clean, or only degradations no adapter handles
             target /= target.sum()
-            degraded, clean = sample["degraded"], sample["clean"]
-        return reader.to_tensor(degraded), reader.to_tensor(clean), torch.from_numpy(target)
+            pixels = target_map_from_mask(mask, self.column_of_bit, len(self.names), self.base) if self.dense else None
+            return self._item(sample["degraded"], sample["clean"], target, pixels)
+        return self._item(degraded, clean, target)
+
+
+def mask_columns(shard_classes: list[str], names: list[str]) -> list[int]:
+    """Bit i of a shard mask -> the adapter column of `shard_classes[i]` (-1 when no adapter handles it)."""
+    return [names.index(c) if c in names else -1 for c in shard_classes]
+
+
+def mask_membership(mask: np.ndarray, column_of_bit: list[int], adapters: int, base: bool) -> np.ndarray:
+    """C x H x W bool (C = adapters [+ 1]): pixel p belongs to column k when the mask has a bit set
+    at p whose class that adapter handles; to `base` (the last column) when it has none."""
+    mask = mask if mask.ndim == 2 else mask[..., 0]
+    member = np.zeros((adapters + int(base), *mask.shape), bool)
+    for bit, column in enumerate(column_of_bit):
+        if column >= 0:
+            member[column] |= ((mask >> bit) & 1).astype(bool)
+    if base:
+        member[-1] = ~member[:adapters].any(axis=0)
+    return member
+
+
+def target_map_from_mask(mask: np.ndarray, column_of_bit: list[int], adapters: int, base: bool) -> np.ndarray:
+    """C x H x W float32 per-pixel targets from a shard mask: uniform over the handled degradations
+    present at each pixel, all `base` where none is; without `base` such pixels are all zero (the
+    dense loss ignores them)."""
+    member = mask_membership(mask, column_of_bit, adapters, base).astype(np.float32)
+    count = member.sum(axis=0, keepdims=True)
+    return member / np.maximum(count, 1.0)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def dense_cross_entropy(pixel_logits: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+    """Per-pixel soft cross-entropy at the logits' resolution (B x C x h x w), the target maps
+    (B x C x H x W) area-averaged to it. A cell whose targets sum to s < 1 (partly or wholly made of
+    ignored pixels: no handled degradation, no `base` column) weighs s, its targets renormalised."""
+    target = F.adaptive_avg_pool2d(target_map.float(), pixel_logits.shape[-2:])
+    covered = target.sum(1)
+    per_cell = -(target * F.log_softmax(pixel_logits.float(), dim=1)).sum(1)   # = covered x CE of the renormalised target
+    return per_cell.sum() / covered.sum().clamp_min(1e-6)
 
 
 @torch.no_grad()
@@ -187,6 +243,70 @@ def single_degradation_accuracy(estimator, sources: list[dict], shards: str, ind
     return result
 
 
+def predicted_columns(weight_map: torch.Tensor, height: int, width: int, base: bool) -> torch.Tensor:
+    """B x H x W: each pixel's highest-weight column of a B x (K+1) x h x w weight map (adapter
+    columns, then keep) resized to H x W as the Restorer resizes it (bilinear); with `base`, column K
+    is the backbone alone (1 - the adapters' sum), which wins where no adapter outweighs it."""
+    adapters = weight_map[:, :-1].float()
+    adapters = F.interpolate(adapters, size=(height, width), mode="bilinear", align_corners=False)
+    if base:
+        adapters = torch.cat([adapters, 1.0 - adapters.sum(1, keepdim=True)], dim=1)
+    return adapters.argmax(dim=1)
+
+
+def segmentation_counts(predicted: np.ndarray, member: np.ndarray) -> dict:
+    """One image's counts: per column, the intersection and the union of the pixels predicted as it
+    (`predicted`, H x W column indices) and those belonging to it (`member`, C x H x W bool, see
+    mask_membership); `right`: pixels whose predicted column is one they belong to, of `scored`:
+    the pixels that belong to some column (without `base`, pixels no adapter handles are left out
+    of every count, as they are of the loss)."""
+    scored = member.any(axis=0)
+    chosen = (predicted[None] == np.arange(member.shape[0])[:, None, None]) & scored[None]
+    right = np.take_along_axis(member, predicted[None], axis=0)[0] & scored
+    return {"intersection": (chosen & member).sum(axis=(1, 2)), "union": (chosen | member).sum(axis=(1, 2)),
+            "right": int(right.sum()), "scored": int(scored.sum())}
+
+
+def segmentation_scores(counts: list[dict], columns: list[str]) -> dict:
+    """Per-column IoU over all the images' pixels together (None for a column no pixel was
+    predicted as or belongs to), their mean over the columns that have one, and the per-pixel
+    accuracy. A pixel with several degradations belongs to each of them: predicting any one is
+    right for the accuracy, and it stays in the others' unions, so IoU of 1 needs single-label truth."""
+    intersection = sum(c["intersection"] for c in counts)
+    union = sum(c["union"] for c in counts)
+    iou = {name: (float(i / u) if u > 0 else None) for name, i, u in zip(columns, intersection, union)}
+    present = [v for v in iou.values() if v is not None]
+    scored = sum(c["scored"] for c in counts)
+    return {"iou": iou, "mean_iou": float(np.mean(present)) if present else None,
+            "pixel_accuracy": float(sum(c["right"] for c in counts) / scored) if scored else None,
+            "pixels": int(scored)}
+
+
+@torch.no_grad()
+def dense_scores(estimator, shards: str, index: dict, names: list[str], device, limit: int = 512,
+                 batch: int = 16) -> dict:
+    """The dense map's argmax against the masks of the validation shards (up to `limit` samples,
+    every kind: clean, single and composite): segmentation_scores over the adapters [and `base`],
+    and the pixel accuracy of each kind of sample apart (`by_kind`: on a single-degradation or clean
+    sample the right map is one column everywhere, on a composite one it follows the regions)."""
+    base = estimator.base is not None
+    column_of_bit = mask_columns(index["classes"], names)
+    samples = [s for s, _ in zip(reader.read_split(reader.shard_urls(shards, "val", index)), range(limit))]
+    estimator.eval()
+    counts, kinds = [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        images = torch.stack([reader.to_tensor(s["degraded"]) for s in chunk]).to(device)
+        predicted = predicted_columns(estimator.weight_map(images), *images.shape[-2:], base).cpu().numpy()
+        counts += [segmentation_counts(p, mask_membership(s["mask"], column_of_bit, len(names), base))
+                   for p, s in zip(predicted, chunk)]
+        kinds += [str(s["meta"].get("kind", "unknown")) for s in chunk]
+    columns = names + (["base"] if base else [])
+    by_kind = {kind: segmentation_scores([c for c, k in zip(counts, kinds) if k == kind], columns)["pixel_accuracy"]
+               for kind in sorted(set(kinds))}
+    return {**segmentation_scores(counts, columns), "by_kind": by_kind, "samples": len(samples)}
+
+
 def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                     adapters_dir: str = paths.ADAPTERS, shards: str = paths.SHARDS,
                     out: str = paths.ESTIMATOR, reports: str = paths.TRAINING_REPORTS,
@@ -213,14 +333,15 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     else:
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
                               view_size=cfg["view_size"], random_crops=True, do_no_harm=bool(cfg.get("do_no_harm", False)),
-                              class_names=names).to(device)
-    do_no_harm = estimator.base is not None
+                              dense=bool(cfg.get("dense", False)), class_names=names).to(device)
+    do_no_harm, dense = estimator.base is not None, estimator.has_dense
+    dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
                                 EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"],
                                                 base=do_no_harm, p_clean=cfg.get("p_clean", 0.0),
                                                 faint=cfg.get("faint_severity", 0.1),
                                                 options=(index.get("generator") or {}).get("options"),
-                                                p_gray=cfg.get("p_gray", 0.0)),
+                                                p_gray=cfg.get("p_gray", 0.0), dense=dense),
                                 seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
     loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=max(cfg["steps"], 1), workers=cfg.get("workers", 0))
 
@@ -229,9 +350,11 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     with tracking.start_run("estimator", tags={"abair.stage": "estimator", "abair.inputs_hash": inputs_hash}) as run:
         run.log_params({**cfg, "adapters": names})
         reports_dir = Path(reports)
-        steplog = StepLog(reports_dir / "estimator.tsv", ["loss", "lr", "img_per_s"], run)
+        steplog = StepLog(reports_dir / "estimator.tsv",
+                          ["loss", "lr", "img_per_s", *(["image_loss", "dense_loss"] if dense else [])], run)
         estimator.train()
-        losses = loop.fit(loop.Training(estimator.parameters(), cfg, device), classify_loss(estimator, device),
+        losses = loop.fit(loop.Training(estimator.parameters(), cfg, device),
+                          classify_loss(estimator, device, dense_weight),
                           loader.batches(0, cfg["steps"]), cfg, cfg["steps"], device, steplog=steplog,
                           desc="estimator", progress=progress)
         summary = {"steps": cfg["steps"], "final_loss": float(np.mean(losses[-10:]))}
@@ -247,6 +370,11 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
         val = single_degradation_accuracy(estimator, sources, shards, index, cfg["seed"], cfg.get("val_samples", 16), "cpu")
         summary["val_accuracy"] = val["accuracy"]
         summary.update({k: val[k] for k in ("clean_base_share",) if k in val})
+        if dense:
+            summary["dense_val"] = dense_scores(estimator, shards, index, names, "cpu")
+            log.info("dense map on %d validation samples: pixel accuracy %.3f, IoU %s", summary["dense_val"]["samples"],
+                     summary["dense_val"]["pixel_accuracy"] or 0.0,
+                     ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in summary["dense_val"]["iou"].items()))
         save_estimator(estimator, out, extra_metadata={"inputs_hash": inputs_hash, "adapters": names,
                                                        "adapter_sha256": [s["sha256"] for s in sources],
                                                        "val_accuracy": f"{val['accuracy']:.4f}", "temperature": str(cfg["temperature"])})
@@ -268,13 +396,19 @@ def starting_point(sources: list[dict], init: str | None, adapters_dir: str):
     return sorted(sources, key=lambda s: order.index(s["name"])), start
 
 
-def classify_loss(estimator, device: torch.device):
-    """The loop's loss for the first step: soft cross-entropy against the target weights."""
+def classify_loss(estimator, device: torch.device, dense_weight: float = 0.0):
+    """The loop's loss for the first step: soft cross-entropy against the target weights, plus
+    `dense_weight` x the dense map's per-pixel one when the batch carries target maps."""
 
     def loss_fn(batch):
-        degraded, _, target = (t.to(device) for t in batch)
-        logits = estimator.logits(degraded)
-        return soft_cross_entropy(logits, target), {}
+        degraded, target = batch[0].to(device), batch[2].to(device)
+        if not dense_weight or len(batch) < 4:
+            return soft_cross_entropy(estimator.logits(degraded), target), {}
+        image_logits, pixel_logits = estimator.logits_and_map(degraded)
+        image_loss = soft_cross_entropy(image_logits, target)
+        dense_loss = dense_cross_entropy(pixel_logits, batch[3].to(device))
+        return image_loss + dense_weight * dense_loss, {"image_loss": float(image_loss.detach()),
+                                                        "dense_loss": float(dense_loss.detach())}
 
     return loss_fn
 
@@ -331,6 +465,7 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     stream.transform.p_extra = float(cfg.get("p_keep_extra", 0.0))
     stream.transform.p_clean = float(cfg.get("keep_p_clean", stream.transform.p_clean))
     stream.transform.p_gray = float(cfg.get("keep_p_gray", stream.transform.p_gray))
+    stream.transform.dense = False  # the keep head is image-level: no target maps to build
     stream.seed = cfg["seed"] + 2
     features, quadratic = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
                                      stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress,
@@ -376,9 +511,9 @@ def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, 
     loader = reader.SegmentedLoader(stream, batch, segment_steps=10 ** 9)
     features, quadratic = [], []
     steps = -(-samples // batch)
-    for _, (degraded, clean, _) in tqdm(loader.batches(0, steps), total=steps, desc="estimator keep cache",
-                                        unit="batch", disable=not progress, leave=False):
-        degraded, clean = degraded.to(device).float(), clean.to(device).float()
+    for _, batch in tqdm(loader.batches(0, steps), total=steps, desc="estimator keep cache",
+                         unit="batch", disable=not progress, leave=False):
+        degraded, clean = batch[0].to(device).float(), batch[1].to(device).float()
         weights = estimator.weights(degraded, "sw", temperature)
         if p_misapplied > 0:
             misapplied = torch.rand(len(weights), generator=draws) < p_misapplied
@@ -460,7 +595,7 @@ def blended_loss(estimator, backbone, bank, names: list[str], temperature: float
     columns = [bank.names.index(n) for n in names]
 
     def loss_fn(batch):
-        degraded, clean, _ = (t.to(device) for t in batch)
+        degraded, clean = batch[0].to(device), batch[1].to(device)
         weights = estimator.weights(degraded, "sw", temperature)[:, :len(names)]
         bank_weights = weights.new_zeros(weights.shape[0], len(bank))
         bank_weights[:, columns] = weights
@@ -477,6 +612,10 @@ def write_reports(summary: dict, val: dict, names: list[str], reports: Path, ste
     with atomic_path(reports / "estimator.json") as tmp:
         tmp.write_text(json.dumps({**summary, "confusion": val["confusion"], "names": names}, indent=2))
     curves = plot_curves(steplog.read(), ["loss", "lr"], reports / "estimator_curves.png", "Phase III estimator")
-    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, summary["steps"])
+    dense = summary.get("dense_val") or {}
+    flat = {**{k: v for k, v in summary.items() if isinstance(v, float)},
+            **{f"dense_{k}": v for k, v in dense.items() if isinstance(v, float)},
+            **{f"dense_iou_{k}": v for k, v in (dense.get("iou") or {}).items() if v is not None}}
+    run.log_metrics(flat, summary["steps"])
     run.log_artifact(out)
     run.log_artifact(curves)

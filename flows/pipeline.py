@@ -23,9 +23,9 @@ from tasks.core.params import load_params
 @task(name="synthesize", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_bad_input)
 def synthesize_task(cfg: dict, source: str | None = None, out: str | None = None) -> dict:
-    from tasks.data.synthesize import synthesize
+    from flows.synthesize import run_synthesize
 
-    return synthesize(cfg, source=source, out=out, progress=False)
+    return run_synthesize(cfg, source=source, out=out, progress=False)
 
 
 @flow(name="abair-synthesize")

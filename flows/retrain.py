@@ -57,7 +57,7 @@ def report(project: Path, manifest: dict, pushed: bool) -> str:
     metrics = json.loads((project / paths.METRICS).read_text()) if (project / paths.METRICS).exists() else {}
     registry = json.loads((project / paths.REGISTRY_REPORT).read_text()) if (project / paths.REGISTRY_REPORT).exists() else {}
     groups = sorted({k.split("/")[2] for k in metrics if k.startswith("summary/") and k.count("/") == 3})
-    modes = [m for m in ("input", "none", "oh", "sw", "oracle") if any(f"/{m}/psnr" in k for k in metrics)]
+    modes = [m for m in ("input", "none", "oh", "sw", "pw", "oracle", "pw_oracle") if any(f"/{m}/psnr" in k for k in metrics)]
     lines = [f"## ABAIR retraining: {len(manifest['files'])} source images ({manifest['hash']})", "",
              "| group | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for group in groups:

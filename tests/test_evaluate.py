@@ -328,20 +328,20 @@ def test_bad_set_specs_are_named():
 # A real tiny system, end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory) -> Path:
-    """Tiny backbone, two LoRA adapters with a visible effect, an untrained estimator."""
+def tiny_system(folder: Path, do_no_harm: bool = False, dense: bool = False, seg: bool = False) -> Path:
+    """Tiny backbone (with a segmentation head when `seg`), two LoRA adapters with a visible
+    effect, an untrained estimator (with do-no-harm outputs and a dense head when asked)."""
     from models.adapters import AdapterBank
     from models.backbone import build_backbone
     from models.identity import save_backbone
     from models.estimator import EstimatorConfig, build_estimator, save_estimator
 
-    folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
-    backbone = build_backbone("tiny")
+    backbone = build_backbone("tiny", seg_classes=2 if seg else 0)
     with torch.no_grad():
         backbone.output.weight.mul_(0.1)
-    save_backbone(backbone, folder / "backbone.safetensors")
+    save_backbone(backbone, folder / "backbone.safetensors",
+                  {"classes": json.dumps(["noise", "haze"])} if seg else None)
     bank = AdapterBank(backbone)
     for name in ("noise", "haze"):
         bank.add(name)
@@ -350,9 +350,15 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
                 if "lora_B" in key:
                     param.normal_(0, 0.05)
         bank.save(name, folder / "adapters" / f"{name}.safetensors")
-    estimator = build_estimator(EstimatorConfig(2, width=4, crops=1, crop_size=16, view_size=32), ["noise", "haze"])
-    save_estimator(estimator, folder / "estimator.safetensors")
+    config = EstimatorConfig(2, width=4, crops=1, crop_size=16, view_size=32, do_no_harm=do_no_harm, dense=dense)
+    save_estimator(build_estimator(config, ["noise", "haze"]), folder / "estimator.safetensors")
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """Tiny backbone, two LoRA adapters with a visible effect, an untrained estimator."""
+    return tiny_system(tmp_path_factory.mktemp("checkpoints"))
 
 
 def small_cfg(project_params: dict, cache: Path) -> dict:

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from tasks.core.errors import AbairError
 from tasks.data import gldv2, synthesize as synth
 from tasks.data.manifest import source_manifest
 from tasks.data.synthesize import synthesize
+from tests.test_synthesize import read_tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "tests" / "fixtures" / "default_shards.sha256"
@@ -38,15 +38,6 @@ BASELINE = ROOT / "tests" / "fixtures" / "default_shards.sha256"
 def spec(root, **options) -> str:
     query = {"split": "train", "subset": "clean", **options}
     return f"gldv2:{root}?" + "&".join(f"{k}={v}" for k, v in query.items())
-
-
-def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -146,7 +137,7 @@ def test_rules_on_the_local_miniature(local_run, mini, gld_cfg):
     # attribution: every sample carries its image's fields from the CSVs
     samples = {}
     for shard in shards:
-        samples.update({k: json.loads(v["json"]) for k, v in read_shard(out / shard).items()})
+        samples.update({k: json.loads(v["json"]) for k, v in read_tar_samples(out / shard).items()})
     for meta in samples.values():
         photo = by_id[meta["source"].rsplit("/", 1)[1]]
         assert meta["attribution"] == {"id": photo.id, "landmark_id": photo.landmark, "url": photo.url,
@@ -209,7 +200,7 @@ def test_the_index_split_with_md5_files_beside_its_tars(tmp_path, photos, gld_cf
     (val,) = index["splits"]["val"]["sources"]
     (train,) = index["splits"]["train"]["sources"]
     assert {val, train} == {f"gldv2/index/{p.id}" for p in made[:2]}
-    meta = json.loads(next(iter(read_shard(tmp_path / "o" / index["splits"]["val"]["shards"][0]).values()))["json"])
+    meta = json.loads(next(iter(read_tar_samples(tmp_path / "o" / index["splits"]["val"]["shards"][0]).values()))["json"])
     photo = next(p for p in made if val.endswith(p.id))
     assert meta["attribution"] == {"id": photo.id, "landmark_id": photo.landmark, "license": gldv2.PUBLIC_DOMAIN}
 
@@ -335,7 +326,7 @@ def test_loose_files_in_units_make_the_same_samples(tmp_path, photo_folder, synt
                if name.endswith(".tar"))
 
     def samples(folder: Path) -> dict:
-        return {k: v for p in folder.glob("*.tar") for k, v in read_shard(p).items()}
+        return {k: v for p in folder.glob("*.tar") for k, v in read_tar_samples(p).items()}
     assert samples(tmp_path / "cut") == samples(tmp_path / "one")
     parallel = synthesize({**cut, "workers": 2}, source=str(photo_folder), out=str(tmp_path / "par"), progress=False)
     assert parallel == two and files_of(tmp_path / "par") == files_of(tmp_path / "cut")

@@ -21,6 +21,7 @@ from tasks.evaluate.run import (MAP_ACCURACY, TRUE_MAP, map_accuracy, map_choice
 from tasks.evaluate.sets import MASK_DIR, load_set, parse_sets, prepare_synthetic, region_picks
 from tasks.registry import gate
 from tests.conftest import write_png
+from tests.test_evaluate import tiny_system as evaluate_tiny_system
 
 PAIR = [["lowlight", 0.8], ["noise", 0.8]]
 
@@ -224,30 +225,9 @@ def test_mode_plan_adds_pw_everywhere_and_pw_oracle_on_regions_sets():
 
 
 def tiny_system(folder: Path, dense: bool = True, seg: bool = False) -> Path:
-    """Tiny backbone (with a segmentation head when `seg`), two LoRA adapters with a visible
-    effect, an untrained estimator (with a dense head when `dense`)."""
-    from models.adapters import AdapterBank
-    from models.backbone import build_backbone
-    from models.estimator import EstimatorConfig, build_estimator, save_estimator
-    from models.identity import save_backbone
-
-    torch.manual_seed(0)
-    backbone = build_backbone("tiny", seg_classes=2 if seg else 0)
-    with torch.no_grad():
-        backbone.output.weight.mul_(0.1)
-    save_backbone(backbone, folder / "backbone.safetensors",
-                  {"classes": json.dumps(["noise", "haze"])} if seg else None)
-    bank = AdapterBank(backbone)
-    for name in ("noise", "haze"):
-        bank.add(name)
-        with torch.no_grad():
-            for key, param in bank.named_parameters_of(name):
-                if "lora_B" in key:
-                    param.normal_(0, 0.05)
-        bank.save(name, folder / "adapters" / f"{name}.safetensors")
-    config = EstimatorConfig(2, width=4, crops=1, crop_size=16, view_size=32, do_no_harm=True, dense=dense)
-    save_estimator(build_estimator(config, ["noise", "haze"]), folder / "estimator.safetensors")
-    return folder
+    """test_evaluate's tiny system with the do-no-harm outputs, a dense head when `dense`, and a
+    segmentation head when `seg`."""
+    return evaluate_tiny_system(folder, do_no_harm=True, dense=dense, seg=seg)
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,17 @@ class Restorer(nn.Module):
                                  "head nor a backbone that kept its segmentation head (or pass weights=...)")
         if source not in PW_SOURCES:
             raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {source!r}")
+        # what the source reads must be there: a call fails here, before any image runs
+        if source == "dense" and not (self.estimator is not None and getattr(self.estimator, "has_dense", False)):
+            raise ValueError("the system's estimator has no dense head (trained with estimator.dense: false): the dense "
+                             "weight-map source needs one (the seg source reads the backbone's segmentation head)")
+        if source == "seg" and getattr(self.backbone, "seg_head", None) is None:
+            raise ValueError("the system's backbone has no segmentation head (dropped, or seg_classes 0; "
+                             "load_system(keep_seg_head=True) keeps it): the seg weight-map source needs one "
+                             "(the dense source reads the estimator's dense head)")
+        if source == "seg" and not self.seg_class_names:
+            raise ValueError("the system's backbone does not say which classes its segmentation head predicts "
+                             "(no `classes` in its metadata): the seg weight-map source needs them")
         return source
 
     def _map_for(self, images: torch.Tensor, weights, temperature: float, pw_source: str | None,
@@ -151,14 +162,9 @@ class Restorer(nn.Module):
         constant map) or the map of the pixel-wise source; keep 0 where not given."""
         b, k = images.shape[0], len(self.names)
         if weights is None:
-            source = self.resolve_pw_source(pw_source)
-            if source == "dense":
-                if self.estimator is None or not getattr(self.estimator, "has_dense", False):
-                    raise ValueError("pw_source 'dense' needs an estimator with a dense head")
-                weight_map = self.estimator.weight_map(images, temperature).float()
-            else:
-                weight_map = self._seg_map(images, temperature, tile)
-            return weight_map
+            if self.resolve_pw_source(pw_source) == "dense":
+                return self.estimator.weight_map(images, temperature).float()
+            return self._seg_map(images, temperature, tile)
         weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
         if weights.dim() in (1, 2):
             weights = weights.reshape(-1, weights.shape[-1]).expand(b, -1)[:, :, None, None]
@@ -182,12 +188,9 @@ class Restorer(nn.Module):
         """B x (K+1) x h/8 x w/8 from the Phase I segmentation head (an extra backbone pass,
         without adapters): its per-pixel multi-label probabilities in the adapter columns of the
         classes it knows, the estimator's image-level weight in the others (degradations added
-        after Phase I), scaled down where they sum above one; area-averaged over 8x8 pixels."""
-        if getattr(self.backbone, "seg_head", None) is None:
-            raise ValueError("pw_source 'seg' needs the backbone's segmentation head (load the system with keep_seg_head=True)")
+        after Phase I), scaled down where they sum above one; area-averaged over 8x8 pixels.
+        resolve_pw_source has checked that the head and its class names are there."""
         classes = self.seg_class_names
-        if not classes:
-            raise ValueError("the backbone does not say which classes its segmentation head predicts")
         k = len(self.names)
         with self.bank.weights(None):   # exact tiling (`tile`) holds the blocks' wide maps one tile at a time
             _, seg_logits = self.backbone(images, with_seg=True, tile=tile)

@@ -42,23 +42,6 @@ def needs_seg_head(mode: str, pw_source: str | None) -> bool:
     return mode == "pw" and pw_source != "dense"
 
 
-def resolve_pw_source(restorer, requested: str | None) -> str:
-    """The weight-map source mode pw uses with this system: `requested`, or (None) the system's
-    default (Restorer.resolve_pw_source: the dense head, else the segmentation head); a ValueError
-    saying what the system lacks, so that a call fails before any image runs."""
-    source = restorer.resolve_pw_source(requested)
-    if source == "dense" and not (restorer.estimator is not None and restorer.estimator.has_dense):
-        raise ValueError("the system's estimator has no dense head (trained with estimator.dense: false): the dense "
-                         "weight-map source needs one (the seg source reads the backbone's segmentation head)")
-    if source == "seg" and restorer.backbone.seg_head is None:
-        raise ValueError("the system's backbone has no segmentation head (dropped, or seg_classes 0): the seg "
-                         "weight-map source needs one (the dense source reads the estimator's dense head)")
-    if source == "seg" and not restorer.seg_class_names:
-        raise ValueError("the system's backbone does not say which classes its segmentation head predicts "
-                         "(no `classes` in its metadata): the seg weight-map source needs them")
-    return source
-
-
 def load_restorer(backbone: str | Path, adapters: str | Path, estimator: str | Path, device: str = "auto",
                   keep_seg_head: bool = False):
     """A Restorer, in eval mode on `device` (auto | cpu | cuda | cuda:N), from its component files;

@@ -29,7 +29,7 @@ import numpy as np
 from tasks.core.paths import ADAPTER_DIR, BACKBONE_FILE, ESTIMATOR_FILE
 from tasks.core.errors import AbairError
 from tasks.serve import memory
-from tasks.serve.inference import (DEFAULT_MAX_PIXELS, load_restorer, mode_problem, planar_float_rgb, resolve_pw_source,
+from tasks.serve.inference import (DEFAULT_MAX_PIXELS, load_restorer, mode_problem, planar_float_rgb,
                                    restore_rgb, to_stored)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         problem = mode_problem(mode, pw_source)
         if problem is not None:
             raise ValueError(f"{problem[0]} {problem[1]}")
-        return mode, resolve_pw_source(self.restorer, pw_source) if mode == "pw" else None
+        return mode, self.restorer.resolve_pw_source(pw_source) if mode == "pw" else None
 
     # np.ndarray tells MLflow not to derive a schema from the hint: the signature is the schema
     def predict(self, context, model_input: np.ndarray, params=None):

@@ -36,7 +36,7 @@ from tasks.core.errors import AbairError
 from tasks.core.weight_maps import LEGEND_ROW, legend_strip, render_weight_map
 from tasks.registry import store
 from tasks.serve import memory
-from tasks.serve.inference import (DEFAULT_MAX_PIXELS, mode_problem, needs_seg_head, planar_float_rgb, resolve_pw_source,
+from tasks.serve.inference import (DEFAULT_MAX_PIXELS, mode_problem, needs_seg_head, planar_float_rgb,
                                    restore_image, to_stored)
 from tasks.serve.jpeg import estimate_jpeg_quality
 
@@ -347,7 +347,7 @@ def pw_source_of(restorer, described: str, requested: str | None) -> str:
     """The weight-map source mode pw will use with this system (`requested`, or the system's
     default), or the AbairError naming the model and what it lacks."""
     try:
-        return resolve_pw_source(restorer, requested)
+        return restorer.resolve_pw_source(requested)
     except ValueError as exc:
         raise AbairError(described, str(exc)) from None
 

@@ -65,13 +65,16 @@ def adapter_names(restorer) -> list[str]:
 
 def pixelwise_ready(restorer) -> bool:
     """Whether the restorer makes weight maps of its own (mode "pw" without weights): an estimator
-    with a dense head, or a backbone that kept its segmentation head (Restorer.pw_source's rule)."""
-    if not adapter_names(restorer):
+    with a dense head, or a backbone that kept its segmentation head (Restorer.resolve_pw_source
+    decides; a restorer without one makes none)."""
+    resolve = getattr(restorer, "resolve_pw_source", None)
+    if not adapter_names(restorer) or resolve is None:
         return False
-    estimator = getattr(restorer, "estimator", None)
-    if estimator is not None and getattr(estimator, "has_dense", False):
-        return True
-    return getattr(getattr(restorer, "backbone", None), "seg_head", None) is not None
+    try:
+        resolve()
+    except ValueError:
+        return False
+    return True
 
 
 def mode_plan(spec: SetSpec, names: list[str], has_estimator: bool, modes: Sequence[str],

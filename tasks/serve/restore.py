@@ -362,11 +362,11 @@ def describe_weights(mode: str, weights: dict[str, float]) -> str:
 def write_map(path: Path, rgb: np.ndarray, weight_map: np.ndarray, names: list[str]) -> None:
     """The weight-map picture (tasks/core/weight_maps.render_weight_map) of one image, as a PNG
     written under a temporary name and renamed into place, like the restored image."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(map_picture(rgb, weight_map, names), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise AbairError(path, f"could not encode a {rgb.shape[1]}x{rgb.shape[0]} weight-map picture")
-    storage.write_bytes(path, buf.tobytes())
+    try:
+        encoded = imageio.encode_png(map_picture(rgb, weight_map, names), compression=3)
+    except AbairError:
+        raise AbairError(path, f"could not encode a {rgb.shape[1]}x{rgb.shape[0]} weight-map picture") from None
+    storage.write_bytes(path, encoded)
 
 
 def map_picture(rgb: np.ndarray, weight_map: np.ndarray, names: list[str], rows: int = 256) -> np.ndarray:

@@ -269,7 +269,7 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 # Modules that add their own subcommands: each has add_commands(subparsers, with_params).
-COMMAND_MODULES: tuple[str, ...] = ("flows.registry_cli", "flows.evaluate_cli")
+COMMAND_MODULES: tuple[str, ...] = ("flows.registry_cli", "flows.evaluate_cli", "flows.release_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -313,6 +313,75 @@ class Restorer(nn.Module):
                 module.training = training
         return out, used
 
+    # -- a release folder ------------------------------------------------------------------------
+
+    @classmethod
+    def from_release(cls, path, device: str | torch.device = "cpu", keep_seg_head: bool = False) -> "Restorer":
+        """The system of a release folder (`abair export`; the format is tasks/release/bundle.py's).
+
+        Every file config.json lists is checked against its sha256 first, and a weights file it
+        does not list is refused, so what runs is what was released; the weights are safetensors
+        (nothing is unpickled). The weight columns are config.json's `adapters` (then keep); mode
+        pw's default map source is the release's `pw_source` (the segmentation head is kept when
+        that is "seg", or with keep_seg_head). Errors are CheckpointError naming the file.
+        Written here, from the models' own loaders, because models never import tasks."""
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from models.adapters import AdapterBank, read_adapter_options
+        from models.checkpoint import CheckpointError
+        from models.estimator import load_estimator
+        from models.identity import load_backbone
+
+        root = Path(path)
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(root, "not a release folder (no config.json)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(config_path, f"not valid JSON ({exc.msg})") from None
+        if not isinstance(config, dict) or config.get("format") != "abair-release" or config.get("format_version") != 1:
+            raise CheckpointError(config_path, "not an abair-release config of format version 1")
+        listed = config.get("files") or {}
+        for relative, expected in listed.items():
+            file = root / relative
+            if not file.is_file():
+                raise CheckpointError(file, "missing: config.json lists it")
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != expected:
+                raise CheckpointError(file, "sha256 differs from config.json's: the file changed after the export")
+        weights = config.get("weights") or {}
+        if not weights.get("backbone"):
+            raise CheckpointError(config_path, "names no backbone file (`weights.backbone`)")
+        used = [weights["backbone"], *(weights.get("adapters") or {}).values(), weights.get("estimator")]
+        present = sorted(p.relative_to(root).as_posix() for p in (root / "weights").rglob("*") if p.is_file())
+        unlisted = [relative for relative in [*present, *filter(None, used)] if relative not in listed]
+        if unlisted:
+            raise CheckpointError(root / unlisted[0], "not listed in config.json: a release runs only the files it lists")
+
+        pw_source = config.get("pw_source")
+        backbone = load_backbone(root / weights["backbone"])
+        if not (keep_seg_head or pw_source == "seg"):
+            backbone.drop_seg_head()
+        adapter_paths = [root / relative for relative in (weights.get("adapters") or {}).values()]
+        bank = None
+        if adapter_paths:
+            kind, options = read_adapter_options(adapter_paths[0])
+            bank = AdapterBank(backbone, kind, options)
+            for adapter in adapter_paths:
+                bank.load(adapter)
+        estimator = load_estimator(root / weights["estimator"]) if weights.get("estimator") else None
+        try:
+            restorer = cls(backbone, bank, estimator, names=config.get("adapters"), pw_source=pw_source)
+        except ValueError as exc:
+            raise CheckpointError(config_path, str(exc)) from None
+        return restorer.to(device).eval()
+
 
 def weights_summary(used: torch.Tensor | None) -> torch.Tensor | None:
     """B x (K+1) per-image weights: the mean over the pixels of a pixel-wise map (B x (K+1) x h x w);

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("degradations", "models", "tasks", "flows")
 # Lower rooms first: a module may import its own room and the ones before it, never a later one.
 ROOMS = ("degradations", "models", "tasks.core", "tasks.data", "tasks.train", "tasks.evaluate", "tasks.registry",
-         "tasks.serve", "flows")
+         "tasks.release", "tasks.serve", "flows")
 
 
 def module_file(name: str) -> Path | None:

@@ -141,11 +141,37 @@ def _parent_run(mlflow_client, exp_id: str, key: str) -> str:
     return run.info.run_id
 
 
+HARDWARE_TAG = "abair.hardware"
+
+
+def hardware() -> str:
+    """The machine a run ran on, for the record (model cards quote it): the CPU model and its
+    logical cores, and the CUDA devices torch sees when torch is already loaded."""
+    import platform
+    import sys
+
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores"
+    torch = sys.modules.get("torch")   # never imported for this: only asked when a stage loaded it
+    if torch is not None and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        text += "; GPU: " + ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
+    return text
+
+
 def start_run(name: str, parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> Run:
-    """A run for one stage (nested under the pipeline run) or, with parent_run_id, for one job."""
+    """A run for one stage (nested under the pipeline run) or, with parent_run_id, for one job;
+    tagged with the machine it runs on (HARDWARE_TAG)."""
     mlflow_client = client()
     exp_id = experiment_id(mlflow_client)
-    all_tags = {"abair.kind": "stage" if parent_run_id is None else "job", **(tags or {})}
+    all_tags = {"abair.kind": "stage" if parent_run_id is None else "job", HARDWARE_TAG: hardware(), **(tags or {})}
     if parent_run_id is None:
         key = pipeline_key()
         if key is not None:

@@ -9,6 +9,11 @@ returns the existing version instead of a duplicate. Either way the version gets
 The restorer's pyfunc model folder is written by a `save_restorer(checkpoints, path, metadata)`
 the caller passes in (tasks.serve.pyfunc.save_restorer): serving is a higher room than the
 registry, so the registry packages the restorer without importing it.
+
+Beside the pyfunc's files, a new restorer version's model folder holds `release_facts.json`
+(release_facts): what a model card needs that the tags do not say (the training params, the shard
+set's summary and licenses, the training reports, the training runs' timing and device, the
+evaluation sets) so that `abair export` can write the card from the version alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tasks.core.errors import AbairError
 from tasks.core.params import Params, params_hash
 from tasks.core.storage import atomic_path
 from tasks.data import reader
+from tasks.evaluate.sets import parse_sets
 from tasks.registry.gate import Evaluator, promote
 from tasks.registry.store import (ADAPTER_PREFIX, BACKBONE, CHALLENGER, COMPONENT_TAG, CONTENT_TAG, ESTIMATOR,
                                   METRIC_TAG, RESTORER, SHA_TAG, SUITE_TAG, aliases, component_refs, numeric_metrics,
@@ -38,6 +44,15 @@ from tasks.registry.store import (ADAPTER_PREFIX, BACKBONE, CHALLENGER, COMPONEN
 log = logging.getLogger(__name__)
 
 TRAINING_SECTIONS = ("synthesize", "pretrain", "adapters", "estimator")
+# In the restorer's model folder: the facts `abair export` writes into a model card (release_facts).
+FACTS_FILE = "release_facts.json"
+FACTS_FORMAT = "abair-release-facts/1"
+# The training reports a card quotes (reports/training/<name>.json, written by the stages that wrote the files).
+TRAINING_REPORT_FILES = ("pretrain", "estimator")
+# Run params that say where a phase ran (the runs record the device setting, not the machine).
+RUN_DEVICE_PARAMS = ("device", "world_size", "effective_batch", "parallel", "amp", "workers")
+# The stage whose run wrote a component file (adapters: the `adapters` stage's job for that adapter).
+TRAINING_STAGE = {"backbone": "pretrain", "estimator": "estimator"}
 DESCRIPTIONS = {
     RESTORER: "ABAIR all-in-one restorer (pyfunc): backbone + per-degradation adapters + degradation estimator. "
               "predict(uint8 HxWx3 image) -> restored uint8 HxWx3.",
@@ -132,6 +147,106 @@ def data_fingerprint(shards: str, checkpoints: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Release facts: what a model card needs beyond the tags
+
+
+def release_facts(params: Mapping[str, Any], checkpoints: str | Path, shards: str,
+                  training_reports: str | Path = paths.TRAINING_REPORTS, metrics: Mapping[str, Any] | None = None,
+                  suite: str | None = None, runs_client=None) -> dict:
+    """The facts of one trained system that its tags do not hold: the training params sections,
+    the shard set's summary (source, counts per split, severities, licenses), the training reports
+    (reports/training/pretrain.json, estimator.json), the evaluation sets (as results.md describes
+    them), the metrics and suite, and (runs_client: an MlflowClient) the training runs that wrote
+    each component file. A fact that is not there is None: a card prints "not recorded"."""
+    index = reader.load_index(shards)
+    reports = {}
+    for name in TRAINING_REPORT_FILES:
+        path = Path(training_reports) / f"{name}.json"
+        try:
+            reports[name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            reports[name] = None
+    evaluate = params.get("evaluate") or {}
+    sets = [{"name": s.name, "group": s.group, "from": s.describe(), "task": list(s.task)}
+            for s in parse_sets(evaluate)] if evaluate.get("sets") else None
+    return {"format": FACTS_FORMAT,
+            "params": {section: params.get(section) for section in TRAINING_SECTIONS},
+            "data": shard_summary(index, shards),
+            "training": reports,
+            "runs": training_runs(checkpoints, runs_client) if runs_client is not None else None,
+            "evaluation": {"suite": suite, "sets": sets},
+            "metrics": numeric_metrics(metrics) if metrics is not None else None}
+
+
+def shard_summary(index: Mapping[str, Any], shards: str) -> dict:
+    """What the card says about the training data, from the shard set's index.json."""
+    generator = index.get("generator") or {}
+    splits = {name: {"samples": split.get("samples"), "source_images": len(split.get("sources") or [])}
+              for name, split in (index.get("splits") or {}).items()}
+    licenses = data_license(shards) if index.get("licenses") else None
+    return {"source": index.get("source"), "params_hash": index.get("params_hash"), "classes": index.get("classes"),
+            "crop_size": index.get("crop_size"), "splits": splits, "counts": index.get("counts"),
+            "severity": generator.get("severity"), "options": generator.get("options"),
+            "composite": generator.get("composite"), "licenses": licenses}
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """A component file's safetensors metadata, without reading its tensors; sorted by key
+    (safetensors hands the header out in hash-map order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return dict(sorted((f.metadata() or {}).items()))
+
+
+def _run_facts(run) -> dict:
+    info, params = run.info, run.data.params
+    ended = info.end_time
+    return {"run_id": info.run_id, "name": info.run_name, "status": info.status,
+            "started": _iso(info.start_time), "ended": _iso(ended),
+            "wall_s": round((ended - info.start_time) / 1000, 1) if ended and info.start_time else None,
+            **{key: params[key] for key in RUN_DEVICE_PARAMS if key in params},
+            **({"hardware": run.data.tags[tracking.HARDWARE_TAG]} if tracking.HARDWARE_TAG in run.data.tags else {})}
+
+
+def _iso(millis: int | None) -> str | None:
+    if not millis:
+        return None
+    return datetime.datetime.fromtimestamp(millis / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def training_runs(checkpoints: str | Path, client) -> dict:
+    """label -> the finished MLflow run that trained the component (the newest run whose
+    `abair.inputs_hash` tag is the file's `inputs_hash` metadata, as the training stages write
+    them); `adapters`: the Phase II stage run the adapter jobs ran under. A component without
+    such a run (trained elsewhere, or before the stages tagged their runs) is left out."""
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    if experiment is None:
+        return {}
+    found = {}
+    for part in components(checkpoints):
+        inputs_hash = file_metadata(part.path).get("inputs_hash")
+        if not inputs_hash:
+            continue
+        query = f"tags.`abair.inputs_hash` = '{inputs_hash}' and attributes.status = 'FINISHED'"
+        if part.label.startswith("adapter."):
+            query += f" and tags.`abair.stage` = 'adapters' and tags.`abair.adapter` = '{part.label.split('.', 1)[1]}'"
+        else:
+            query += f" and tags.`abair.stage` = '{TRAINING_STAGE[part.label]}'"
+        runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.end_time DESC"],
+                                  max_results=1)
+        if not runs:
+            continue
+        found[part.label] = _run_facts(runs[0])
+        parent = runs[0].data.tags.get("mlflow.parentRunId")
+        if part.label.startswith("adapter.") and parent and "adapters" not in found:
+            stage_run = client.get_run(parent)
+            if stage_run.data.tags.get("abair.stage") == "adapters":
+                found["adapters"] = _run_facts(stage_run)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
 # Tags
 
 
@@ -194,7 +309,7 @@ def _ensure_model(client, name: str, description: str) -> None:
 
 def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, Any] | None = None, *,
              params: str, data: str, suite: str | None, save_restorer: SaveRestorer, commit: str | None = None,
-             aliases: bool = True, licenses: dict | None = None) -> dict:
+             aliases: bool = True, licenses: dict | None = None, facts: Mapping[str, Any] | None = None) -> dict:
     """Register the components in `checkpoints` and the composite restorer.
 
     params / data / suite: the training params hash, the data fingerprint and the evaluation suite
@@ -204,6 +319,7 @@ def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, 
     licenses: the training data's license summary (data_license), carried by every version's tags
     (`abair.data_license`), the restorer's model files (metadata `data_license`) and, for
     share-alike data, the restorer version's description.
+    facts: release_facts(...), stored as FACTS_FILE in a new restorer version's model folder.
     """
     metrics = numeric_metrics(metrics or {})
     parts = components(checkpoints)
@@ -221,7 +337,7 @@ def register(checkpoints: str | Path = paths.CHECKPOINTS, metrics: Mapping[str, 
             result = _result(existing, versions, created=False, created_components=[])
             log.info("register: %s is already registered as version %s (content %s)", RESTORER, existing.version, content)
         else:
-            result = _register_new(client, parts, content, metrics, common, save_restorer, licenses)
+            result = _register_new(client, parts, content, metrics, common, save_restorer, licenses, facts)
         if aliases:
             set_alias(client, result["restorer"]["version"], CHALLENGER, mirror=True)
     return result
@@ -241,7 +357,7 @@ def _register_component(client, run_id: str, artifact_root: str, part: Component
 
 
 def _register_new(client, parts: list[Component], content: str, metrics: dict[str, float], common: dict,
-                  save_restorer: SaveRestorer, licenses: dict | None = None) -> dict:
+                  save_restorer: SaveRestorer, licenses: dict | None = None, facts: Mapping[str, Any] | None = None) -> dict:
     run = tracking.start_run("register", tags={"abair.stage": "register", CONTENT_TAG: content})
     artifact_root = client.get_run(run.run_id).info.artifact_uri.rstrip("/")
     versions, created = {}, []
@@ -255,6 +371,8 @@ def _register_new(client, parts: list[Component], content: str, metrics: dict[st
         with tempfile.TemporaryDirectory(prefix="abair-restorer-") as tmp:
             metadata = {"content_hash": content, **common, **({"data_license": licenses} if licenses else {})}
             model_dir = save_restorer(parts[0].path.parent, Path(tmp) / "restorer", metadata=metadata)
+            if facts is not None:
+                (model_dir / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True, default=str))
             client.log_artifacts(run.run_id, str(model_dir), "restorer")
         _ensure_model(client, RESTORER, DESCRIPTIONS[RESTORER])
         tags = {**common, **metric_tags(metrics), CONTENT_TAG: content,
@@ -297,13 +415,16 @@ def read_metrics(metrics_path: str | Path) -> dict:
 def register_evaluated(params: dict, checkpoints: str = paths.CHECKPOINTS,
                        metrics_path: str = paths.METRICS, shards: str = paths.SHARDS,
                        evaluator: Evaluator | None = None, echo: Callable[[str], None] = print, *,
-                       save_restorer: SaveRestorer) -> dict:
+                       save_restorer: SaveRestorer, training_reports: str = paths.TRAINING_REPORTS) -> dict:
     """Register what the pipeline built (`params`: the whole params, for the training hash and
-    the evaluation suite), with the metrics the `evaluate` stage wrote."""
+    the evaluation suite), with the metrics the `evaluate` stage wrote and the release facts
+    (the training reports under `training_reports`, the training runs of the project's store)."""
     metrics = read_metrics(metrics_path)
     suite = (evaluator or Evaluator()).suite(params.get("evaluate") or {}, shards)
+    facts = release_facts(params, checkpoints, shards, training_reports, metrics, suite,
+                          runs_client=registry_client(must_exist=False))
     result = register(checkpoints, metrics, params=training_params_hash(params), data=data_fingerprint(shards, checkpoints),
-                      suite=suite, save_restorer=save_restorer, licenses=data_license(shards))
+                      suite=suite, save_restorer=save_restorer, licenses=data_license(shards), facts=facts)
     restorer = result["restorer"]
     echo(f"registered: {RESTORER} version {restorer['version']}" + ("" if restorer["created"] else " (already registered)")
          + "; " + ", ".join(f"{c['name']} v{c['version']}" for c in result["components"].values()))

@@ -72,6 +72,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", keep_seg_head: b
     path = Path(spec)
     if not path.exists():
         raise AbairError(spec, "no such model folder (and not a models:/ URI)")
+    from tasks.release.bundle import is_release, load_release
+
+    if is_release(path):   # an `abair export` folder: every file checked against its config.json first
+        return load_release(path, torch_device, keep_seg_head), f"{path} (release)"
     return load_system_dir(store.components_dir(path), torch_device, keep_seg_head), str(path)
 
 

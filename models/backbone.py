@@ -101,7 +101,12 @@ class LayerNorm2d(nn.Module):
 
 
 class MDTA(nn.Module):
-    """Multi-Dconv head transposed attention: CxC attention per head, global over the pixels."""
+    """Multi-Dconv head transposed attention: CxC attention per head, global over the pixels.
+
+    Worked on pixel rows (B x heads x HW x c, a view of the channels-last maps the blocks carry:
+    LayerNorm2d leaves them so), and normalised through the sums: Q K^T divided by the norms of Q's
+    and K's rows equals F.normalize(Q) F.normalize(K)^T, without writing normalised copies of Q
+    and K. On CPU the copies and the normalisations were a third of a block's time."""
 
     def __init__(self, dim: int, heads: int, bias: bool):
         super().__init__()
@@ -112,24 +117,33 @@ class MDTA(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.split_heads(self.qkv_dwconv(self.qkv(x)))            # 3 x B x heads x c x HW
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1)) * self.temperature                 # B x heads x c x c
-        attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-        out = (attn @ v).reshape(b, c, h, w)                                # B x C x H x W
-        return self.project_out(out)
+        q, k, v = self.pixel_rows(self.qkv_dwconv(self.qkv(x)))             # 3 x B x heads x HW x c
+        attn = self.attention_from_sums(*self.sums(q, k))                   # B x heads x c x c
+        return self.project_out(self.apply_attention(attn, v, *x.shape[-2:]))
 
-    def split_heads(self, qkv: torch.Tensor) -> list[torch.Tensor]:
-        """B x 3C x H x W -> q, k, v, each B x heads x C/heads x HW."""
+    def pixel_rows(self, qkv: torch.Tensor) -> list[torch.Tensor]:
+        """B x 3C x H x W -> q, k, v, each B x heads x HW x C/heads: a view for channels-last
+        maps (a copy otherwise)."""
         b, c3, h, w = qkv.shape
-        # reshape is a view for contiguous and for channels-last inputs alike
-        return [t.reshape(b, self.heads, c3 // (3 * self.heads), h * w) for t in qkv.chunk(3, dim=1)]
+        rows = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.heads, c3 // (3 * self.heads))
+        return list(rows.permute(2, 0, 3, 1, 4).unbind(0))
+
+    @staticmethod
+    def sums(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Over the pixels of q, k (B x heads x HW x c): Q K^T (B x heads x c x c) and the squared
+        L2 norms of Q's and K's channel rows (B x heads x c)."""
+        return q.transpose(-2, -1) @ k, q.square().sum(-2), k.square().sum(-2)
+
+    def apply_attention(self, attn: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """attn (B x heads x c x c) applied to v's pixel rows (B x heads x HW x c) -> B x C x H x W
+        (channels-last)."""
+        out = v @ attn.to(v.dtype).transpose(-2, -1)                        # B x heads x HW x c
+        b = out.shape[0]
+        return out.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     def attention_from_sums(self, gram: torch.Tensor, q_sq: torch.Tensor, k_sq: torch.Tensor) -> torch.Tensor:
-        """The attention forward() computes, from sums over the pixels: gram = Q K^T
-        (B x heads x c x c), q_sq / k_sq = squared L2 norms of Q / K rows (B x heads x c)."""
+        """The softmax attention from sums over the pixels: gram = Q K^T (B x heads x c x c),
+        q_sq / k_sq = squared L2 norms of Q / K rows (B x heads x c)."""
         # F.normalize divides by max(norm, 1e-12)
         q_norm, k_norm = q_sq.sqrt().clamp_min(1e-12), k_sq.sqrt().clamp_min(1e-12)
         attn = gram / (q_norm[..., :, None] * k_norm[..., None, :]) * self.temperature
@@ -310,7 +324,9 @@ class Backbone(nn.Module):
         blocks' internals (about 5x the block width), not of the skip connections.
         """
         h, w = x.shape[-2:]
-        padded = pad_to_multiple(x)
+        # channels-last throughout: the blocks' LayerNorm2d works on that layout, and a residual
+        # add or conv mixing two layouts is several times slower on CPU
+        padded = pad_to_multiple(x).contiguous(memory_format=torch.channels_last)
         feats = self.features(padded, None if tile is None else block_runner(tile, self.config.dim))
         restored = (padded + self.output(feats))[..., :h, :w]
         if not with_seg:

@@ -43,7 +43,7 @@ from models.adapters import AdapterBank
 from models.backbone import SIZE_MULTIPLE, Backbone
 from models.estimator import Estimator
 from models.identity import restoration_state_dict
-from models.tiling import DEFAULT_OVERLAP, tiled_apply
+from models.tiling import DEFAULT_OVERLAP, run_tile, tiled_apply
 
 MODES = ("sw", "oh", "oracle", "none", "pw")
 TILINGS = ("exact", "local")
@@ -221,11 +221,10 @@ class Restorer(nn.Module):
                 return self.backbone(x, tile=tile)
 
         everything = (slice(0, h), slice(0, w))
-        if side is None or (h <= side and w <= side):
-            return run(images, *everything)
-        if tiling == "exact":
-            return run(images, *everything, tile=side)
-        return tiled_apply(lambda crop, where: run(crop, *where), images, side, overlap, with_window=True)
+        if tiling == "exact" or side is None or (h <= side and w <= side):
+            return run(images, *everything, tile=run_tile(h, w, side, images.device))
+        return tiled_apply(lambda crop, where: run(crop, *where, tile=run_tile(*crop.shape[-2:], None, crop.device)),
+                           images, side, overlap, with_window=True)
 
     @contextlib.contextmanager
     def _adapters(self, weights: torch.Tensor | None, mode: str):
@@ -287,18 +286,19 @@ class Restorer(nn.Module):
                 images = images.float()
                 side = tile_side(tile, max_pixels, overlap if tiling == "local" else 0)
                 h, w = images.shape[-2:]
-                exact_side = side if side is not None and (h > side or w > side) else None
+                # exact tiles where the image exceeds the memory tile, and (on CPU) cache-sized ones
+                # for speed: models.tiling.run_tile; local tiling's tiles each run the same way
+                exact_side = run_tile(h, w, side, images.device)
                 used = self._weights_for(images, mode, weights, temperature, pw_source, exact_side)
                 if mode == "pw":
                     out = self._run_pixelwise(images, used, side, tiling, overlap)
                 else:
                     with self._adapters(used, mode):
-                        if side is None or (h <= side and w <= side):
-                            out = self.backbone(images)
-                        elif tiling == "exact":
-                            out = self.backbone(images, tile=side)
+                        if tiling == "exact" or side is None or (h <= side and w <= side):
+                            out = self.backbone(images, tile=exact_side)
                         else:
-                            out = tiled_apply(self.backbone, images, side, overlap)
+                            out = tiled_apply(lambda crop: self.backbone(crop, tile=run_tile(*crop.shape[-2:], None, crop.device)),
+                                              images, side, overlap)
                 out = out.clamp_(0.0, 1.0)
                 if used is not None and weights is None and self.estimator is not None \
                         and self.estimator.keep_head is not None:

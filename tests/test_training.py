@@ -65,9 +65,11 @@ def test_phase1_overfits_a_fixed_batch(tiny_shards, train_params):
     index = reader.load_index(str(tiny_shards))
     degraded, clean, bits = fixed_batch(tiny_shards, PretrainSample(32, len(index["classes"])), 4)
     model = build_backbone("tiny", seg_classes=len(index["classes"]))
+    # lr 1e-3: at 3e-3 the loss on this batch spikes and recovers chaotically, so whether step 60
+    # lands low depended on float rounding (both layouts of the attention sums hit spikes of 2x)
     first, last = overfit(model.parameters(), lambda: pretrain_loss(model, degraded, clean, bits, train_params["pretrain"])[0],
-                          steps=60, lr=3e-3)
-    assert last < 0.5 * first, (first, last)
+                          steps=60, lr=1e-3)
+    assert last < 0.4 * first, (first, last)
 
 
 def test_phase2_overfits_and_trains_only_the_adapter(tiny_shards):

@@ -35,9 +35,10 @@ DEFAULT_BUDGET = 2 * 1024**3
 IMAGE_BYTES = 30
 # Float32 values per pixel and per unit of backbone width (`dim`), at the first level's resolution:
 # EXACT: what exact tiling keeps whole (every level's skips, block inputs and outputs; measured
-# 7 to 11 between runs of the same image: the allocator's arenas vary); WHOLE: a whole-image (or
-# one tile's) run, the blocks' wide maps included (about 25).
-EXACT_FLOATS = 12
+# 7 to 11 between runs of the same image: the allocator's arenas vary; plus 2 since the attention's
+# V is kept between its two passes: one map of the block's width, 2 dim at the first level); WHOLE:
+# a whole-image (or one tile's) run, the blocks' wide maps included (about 25).
+EXACT_FLOATS = 14
 WHOLE_FLOATS = 28
 # Fixed working memory of one restore besides the above (the estimator, allocator slack).
 OVERHEAD = 96 * 1024**2

@@ -57,7 +57,7 @@ def cmd_restore(args) -> None:
                   max_pixels=args.max_pixels or None, overwrite=args.overwrite, quality=args.quality,
                   progress=False if args.no_progress else None, tiling=args.tiling,
                   max_image_pixels=args.max_image_pixels or imageio.MAX_IMAGE_PIXELS, memory_budget=args.memory_budget,
-                  pw_source=args.pw_source, save_maps=args.save_maps)
+                  pw_source=args.pw_source, save_maps=args.save_maps, backend=args.backend, precision=args.precision)
 
 
 def cmd_add_degradation(args) -> None:
@@ -75,6 +75,7 @@ def cmd_add_degradation(args) -> None:
 
 
 def add_commands(sub, with_params) -> None:
+    from tasks.serve import backends
     from tasks.serve.inference import PW_SOURCES, SERVED_MODES
     from tasks.serve.restore import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 
@@ -117,6 +118,12 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--save-maps", action="store_true",
                    help="mode pw: also write a picture of each image's weight map beside it (<output stem>.map.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--backend", choices=backends.names(), default=backends.DEFAULT_BACKEND,
+                   help="torch: the project's models (default); onnxruntime: a release folder's ONNX graphs "
+                        "(abair export --onnx), without torch or MLflow; fp32, --tiling auto or local")
+    p.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
+                   help="fp32 (default); torch backend: bf16 (CPU or CUDA autocast) or fp16 (CUDA only); "
+                        "onnxruntime: fp32 only")
     p.add_argument("--out", default="restored", help="output folder (default: restored); inputs are never overwritten")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an input file")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -124,7 +131,8 @@ def add_commands(sub, with_params) -> None:
     p.add_argument("--tiling", choices=["auto", "exact", "local"], default="auto",
                    help="auto: exact where it fits the memory budget, else local (default); exact: tiles inside the "
                         "network, the same pixels as whole-image inference; local: independent overlapping tiles, "
-                        "the network's memory independent of the image size, slightly different pixels")
+                        "the network's memory independent of the image size, slightly different pixels "
+                        "(--backend onnxruntime: auto is whole within --max-pixels, else local; exact is refused)")
     p.add_argument("--memory-budget", default="2GB",
                    help="memory a restore may add, e.g. 2GB, 800MB (default: 2GB; 0: no budget); images no tiling "
                         "fits are refused before decoding")

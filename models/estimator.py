@@ -154,7 +154,8 @@ def he_init(model: nn.Module) -> nn.Module:
 
 def crop_origins(h: int, w: int, size: int, count: int) -> list[tuple[int, int]]:
     """Fixed crop positions: centre, then the four corners, then repeats."""
-    bottom, right = max(h - size, 0), max(w - size, 0)
+    # sym_max: the same ints in eager, and no guard on the size when traced (ONNX export)
+    bottom, right = torch.sym_max(h - size, 0), torch.sym_max(w - size, 0)
     spots = [(bottom // 2, right // 2), (0, 0), (bottom, right), (0, right), (bottom, 0)]
     return [spots[i % len(spots)] for i in range(count)]
 
@@ -223,7 +224,9 @@ class Estimator(nn.Module):
         else:
             origins = crop_origins(h, w, size, count)
         crops = torch.cat([x[:, :, y:y + size, x0:x0 + size] for y, x0 in origins], dim=0)
-        if crops.shape[-2:] != (size, size):
+        # a traced graph (ONNX export) resizes always: whether the image is smaller than a crop is
+        # known only when it runs, and nearest to the same size is the identity
+        if torch.compiler.is_exporting() or crops.shape[-2:] != (size, size):
             # nearest keeps each pixel's value (and so its noise) instead of smoothing it away
             crops = F.interpolate(crops, size=(size, size), mode="nearest")
         return crops
@@ -290,9 +293,14 @@ class Estimator(nn.Module):
         column (the Restorer fills keep in). The adapter weights are the per-pixel softmax over the
         adapters and `base`, restricted to the adapters (summing to at most one); over the adapters
         alone without do-no-harm."""
+        _, pixels = self.logits_and_map(x)
+        return self.map_from_logits(pixels, temperature)
+
+    def map_from_logits(self, pixels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """weight_map from the per-pixel logits of logits_and_map (an exported graph computes both
+        outputs from one look at the image)."""
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
-        _, pixels = self.logits_and_map(x)
         b, c, h, w = pixels.shape
         # the softmax runs on one row per pixel, the layout `weights` uses, so that a map whose
         # spatial term is zero reproduces the image-level weights bit for bit
@@ -321,7 +329,14 @@ class Estimator(nn.Module):
         do-no-harm, the keep column is 0 (the Restorer fills it in after the network has run)."""
         if mode not in MODES:
             raise ValueError(f"estimator mode must be one of {MODES}, got {mode!r}")
-        logits = self.logits(x)
+        weights = self.weights_from_logits(self.logits(x), mode, temperature)
+        if restored is not None:
+            weights = torch.cat([weights[:, :-1], self.keep(x, restored)], dim=1)
+        return weights
+
+    def weights_from_logits(self, logits: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
+        """B x (K+1) weights (keep 0) from the B x C logits of `logits` (an exported graph computes
+        them once for several outputs)."""
         k = self.num_outputs
         if mode == "oh":
             adapters = F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()[:, :k]
@@ -329,8 +344,7 @@ class Estimator(nn.Module):
             if temperature <= 0:
                 raise ValueError("temperature must be > 0")
             adapters = torch.softmax(logits.float() / temperature, dim=1)[:, :k]
-        keep = self.keep(x, restored) if restored is not None else adapters.new_zeros(adapters.shape[0], 1)
-        return torch.cat([adapters, keep], dim=1)
+        return torch.cat([adapters, adapters.new_zeros(adapters.shape[0], 1)], dim=1)
 
     @torch.no_grad()
     def add_output(self, name: str | None = None) -> int:

@@ -155,7 +155,8 @@ class AdapterBank:
 
     # -- per-sample weights ------------------------------------------------------------------
 
-    def set_weights(self, weights: torch.Tensor | Sequence[float] | None) -> None:
+    def set_weights(self, weights: torch.Tensor | Sequence[float] | None, traced: bool = False,
+                    fold: bool = False) -> None:
         """Per-sample or per-pixel adapter weights for the following forward passes.
 
         weights: B x K (K = len(names), columns in names order), a length-K vector shared by the
@@ -164,10 +165,22 @@ class AdapterBank:
         whole batch are skipped (their adapters do not run) unless the weights require grad.
         Deciding that reads the values, so pass weights that live on the CPU to avoid a device
         sync; each layer moves them.
+
+        traced: the weights are a graph's input (torch.export / ONNX), not values: every adapter
+        runs (skipping some would read the values), and a map's levels use the static factors of
+        PixelWeights(traced=True).
+
+        fold (mergeable kinds, B x K weights): the layers fold row 0 of the weights into their base
+        weights inside each forward pass (MergeableLayer.folded_forward): merge_mix for a traced
+        graph whose weights are an input.
         """
+        if fold and not self.kind.mergeable:
+            raise NotImplementedError(f"{self.kind.name} adapters cannot be folded into the base weights")
         if weights is None:
             for layer in self.layers.values():
                 layer.set_weights(None)
+                if self.kind.mergeable:
+                    layer.fold_weights = False
             return
         weights = torch.as_tensor(weights)
         if not weights.is_floating_point():
@@ -177,7 +190,7 @@ class AdapterBank:
         if weights.dim() not in (2, 4) or weights.shape[1] != len(self._names):
             raise ValueError(f"adapter weights must be (batch, {len(self._names)}) or (batch, {len(self._names)}, H, W) "
                              f"for adapters {self._names}, got {tuple(weights.shape)}")
-        if weights.requires_grad:
+        if weights.requires_grad or traced:
             active = list(range(len(self._names)))
         else:
             active = torch.nonzero((weights != 0).transpose(0, 1).reshape(len(self._names), -1).any(dim=1)).flatten().tolist()
@@ -186,15 +199,20 @@ class AdapterBank:
             weights = weights[:, active]
         device = next(self.backbone.parameters()).device
         weights = weights.to(device, non_blocking=True)
+        folding = fold and weights.dim() == 2   # a map (per pixel) is never folded
         if weights.dim() == 4:
-            weights = PixelWeights(weights)   # one set of level maps, shared by every layer
+            weights = PixelWeights(weights, traced)   # one set of level maps, shared by every layer
+        elif folding:
+            weights = weights[:1]   # the batch shares one blend
         for layer in self.layers.values():
             layer.set_weights(weights, names)
+            if self.kind.mergeable:
+                layer.fold_weights = folding
 
     @contextlib.contextmanager
-    def weights(self, weights: torch.Tensor | Sequence[float] | None):
+    def weights(self, weights: torch.Tensor | Sequence[float] | None, traced: bool = False, fold: bool = False):
         """`with bank.weights(w): backbone(x)`; afterwards the layers have no weights set."""
-        self.set_weights(weights)
+        self.set_weights(weights, traced, fold)
         try:
             yield self
         finally:

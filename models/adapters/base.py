@@ -25,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The backbone's levels: the map at the padded input's size, then after each of three 2x downsamplings.
+LEVEL_FACTORS = (1, 2, 4, 8)
+
+
 class PixelWeights:
     """Per-pixel adapter weights for one forward pass: a B x K x H x W map at the resolution the
     backbone runs at (its padded input), and the same map area-averaged to each coarser level.
@@ -32,13 +36,19 @@ class PixelWeights:
     LoRA's delta is linear in the weights, so weighting it per pixel is exact: at pixel p of a
     level, sum_k w_k(p) * scale_k * B_k A_k x(p). A layer asks for the map at its input's size
     (`at`); exact tiling tells a layer which window of its level it runs on (AdapterLayer.window).
+
+    `traced`: for a graph traced with symbolic sizes (torch.export, ONNX): the level is found
+    among the static factors LEVEL_FACTORS by what the shapes alone prove (no size-keyed cache,
+    no guard on the sizes' values), and the memory format is left to the graph.
     """
 
-    def __init__(self, weight_map: torch.Tensor):
+    def __init__(self, weight_map: torch.Tensor, traced: bool = False):
         if weight_map.dim() != 4:
             raise ValueError(f"a weight map is B x K x H x W, got {tuple(weight_map.shape)}")
         self.full = weight_map
-        self._levels: dict[tuple, torch.Tensor] = {tuple(weight_map.shape[-2:]): weight_map}
+        self.traced = traced
+        self._levels: dict[tuple, torch.Tensor] = {} if traced else {tuple(weight_map.shape[-2:]): weight_map}
+        self._by_factor: dict[int, torch.Tensor] = {1: weight_map}   # traced: levels by their static factor
 
     @property
     def shape(self) -> torch.Size:
@@ -49,6 +59,8 @@ class PixelWeights:
         map's own size by the same integer factor on both sides; `channels_last`: in that memory
         format (for layers whose activations are channels-last: mixing formats in one
         elementwise op makes it several times slower on CPU)."""
+        if self.traced:
+            return self._traced_level(size)
         size = (int(size[0]), int(size[1]))
         if channels_last:
             key = (*size, "channels_last")
@@ -64,11 +76,26 @@ class PixelWeights:
             level = self._levels[size] = F.avg_pool2d(self.full, factor)
         return level
 
+    def _traced_level(self, size: Sequence) -> torch.Tensor:
+        # sizes may be symbolic: the level is the one whose shape expressions provably equal the
+        # layer's (comparing values would pin the graph to the traced size)
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        for factor in LEVEL_FACTORS:
+            if factor not in self._by_factor:
+                self._by_factor[factor] = F.avg_pool2d(self.full, factor)
+            level = self._by_factor[factor]
+            if statically_known_true(level.shape[-2] == size[0]) and statically_known_true(level.shape[-1] == size[1]):
+                return level
+        height, width = self.full.shape[-2:]
+        raise ValueError(f"a traced weight map of {height}x{width} has no level of {size[0]}x{size[1]} "
+                         f"among the factors {LEVEL_FACTORS}")
+
     def columns(self, index: Sequence[int]) -> "PixelWeights":
-        return PixelWeights(self.full[:, list(index)])
+        return PixelWeights(self.full[:, list(index)], self.traced)
 
     def to(self, device) -> "PixelWeights":
-        return self if self.full.device == torch.device(device) else PixelWeights(self.full.to(device))
+        return self if self.full.device == torch.device(device) else PixelWeights(self.full.to(device), self.traced)
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,19 @@ class MergeableLayer(AdapterLayer):
     tensors bit for bit (original_base_tensors() returns them meanwhile)."""
 
     merged_adapter: str | None
+    # set by AdapterBank.set_weights(fold=True): per-sample weights (B x K, row 0 shared by the
+    # batch) are folded into the base weights inside the forward pass, as tensors: merge_mix's
+    # zero-overhead blend in a traced graph whose weights are an input
+    fold_weights: bool = False
+
+    def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_weights and self.adapter_weights is not None and self.active_adapters \
+                and getattr(self, "merged_adapter", None) is None:
+            return self.folded_forward(x)
+        return super().forward(x)
 
     def merge(self, name: str) -> None:
         raise NotImplementedError

@@ -131,6 +131,22 @@ class LoRALayer(MergeableLayer):
         h = h * group_scale.view(group_scale.shape[0], *([1] * (x.dim() - 2)), -1).to(h.dtype)
         return F.linear(h, b.to(h.dtype))                                             # B x ... x out
 
+    def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer with W + sum_k w[0, k] * scaling_k * B_k A_k as its weight, computed from
+        the weights tensor (merge_mix's maths, traceable: an exported graph takes the blend as an
+        input). The batch shares row 0 of the weights."""
+        names = self.active_adapters
+        weights = self.adapter_weights[0].to(x.device)                                 # K
+        ranks = [self.lora_A[n].shape[0] for n in names]
+        a = torch.cat([self.lora_A[n] for n in names], dim=0).float()                  # Kr x in
+        b = torch.cat([self.lora_B[n] * self.scaling[n] for n in names], dim=1).float()   # out x Kr
+        columns = torch.cat([weights[k:k + 1].expand(r) for k, r in enumerate(ranks)]).float()   # Kr
+        base = self.base_layer
+        weight = (base.weight.float() + ((b * columns) @ a).reshape(base.weight.shape)).to(base.weight.dtype)
+        if self.is_conv:
+            return F.conv2d(x, weight, base.bias)
+        return F.linear(x, weight, base.bias)
+
     # -- merging ---------------------------------------------------------------------------
 
     def merge(self, name: str) -> None:

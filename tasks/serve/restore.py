@@ -15,6 +15,10 @@ Modes: sw, oh, pw (a weight map per pixel, from the estimator's dense head or th
 segmentation head: `pw_source`) and none (the backbone alone). With `save_maps` (pw only), a picture
 of the map each image was restored with is written beside it as `<output stem>.map.png`
 (tasks/core/weight_maps.py: one colour per adapter over a faded copy of the input, a legend below).
+
+What restores each float image is a backend (tasks/serve/backends: `torch`, the default, or
+`onnxruntime` on a release folder's ONNX graphs); this module reads, plans, decodes, encodes and
+writes the same way for both.
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ from tasks.core.components import load_system_dir
 from tasks.core.errors import AbairError
 from tasks.core.weight_maps import LEGEND_ROW, legend_strip, render_weight_map
 from tasks.registry import store
-from tasks.serve import memory
-from tasks.serve.inference import (DEFAULT_MAX_PIXELS, mode_problem, needs_seg_head, planar_float_rgb,
-                                   restore_image, to_stored)
+from tasks.serve import backends, memory
+from tasks.serve.inference import DEFAULT_MAX_PIXELS, mode_problem, needs_seg_head, planar_float_rgb, to_stored
 from tasks.serve.jpeg import estimate_jpeg_quality
 
 log = logging.getLogger(__name__)
@@ -267,18 +270,21 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
                   quality: int | None = None, progress: bool | None = None, echo=print, tiling: str = "auto",
                   max_image_pixels: int = imageio.MAX_IMAGE_PIXELS,
                   memory_budget: int | str | None = memory.DEFAULT_BUDGET, pw_source: str | None = None,
-                  save_maps: bool = False) -> dict:
+                  save_maps: bool = False, backend: str = backends.DEFAULT_BACKEND, precision: str = "fp32") -> dict:
     """Restore images to `out`; returns {"images": [...], "failed": [...], throughput}. One bad image
     is reported and skipped; the run then ends with an AbairError naming how many failed.
     tiling: auto (exact where it fits `memory_budget`, else local), exact or local; an image no
     tiling fits is refused before it is decoded (tasks/serve/memory.py). mode pw: `pw_source`
     (dense | seg | None: what the system has) makes the weight map; `save_maps` writes its picture
-    beside each restored image (`<stem>.map.png`)."""
+    beside each restored image (`<stem>.map.png`). backend: what restores each float image
+    (tasks/serve/backends: torch, onnxruntime) at `precision` (fp32 | fp16 | bf16, as it allows)."""
     from tqdm import tqdm
 
     check_options(mode, pw_source, save_maps)
     if tiling not in memory.TILINGS:
         raise AbairError("--tiling", f"must be one of {', '.join(memory.TILINGS)}, got {tiling!r}")
+    backend_kind = backends.get(backend)
+    backend_kind.check(tiling, precision)
     try:
         budget = memory.parse_bytes(memory_budget)
     except ValueError as exc:
@@ -286,11 +292,11 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
     jobs, problems = plan_each(inputs, out, overwrite, save_maps)
     if not jobs:
         raise AbairError(", ".join(inputs), "nothing to restore (" + "; ".join(str(p) for p in problems) + ")")
-    restorer, described = load_model(model, device, keep_seg_head=needs_seg_head(mode, pw_source))
-    source_used = pw_source_of(restorer, described, pw_source) if mode == "pw" else None
+    engine = backend_kind.load(model, device=device, precision=precision, keep_seg_head=needs_seg_head(mode, pw_source))
+    source_used = engine.pw_source(pw_source) if mode == "pw" else None
     for problem in problems:
         echo(f"error: {problem}")
-    echo(f"model: {described}; adapters: {', '.join(restorer.names)}; mode {mode}"
+    echo(f"model: {engine.described}; adapters: {', '.join(engine.names)}; mode {mode}"
          + (f" ({source_used} weight maps)" if source_used else ""))
     show_bar = len(jobs) > 1 if progress is None else progress
     bar = tqdm(jobs, desc="restore", unit="img", disable=not show_bar, dynamic_ncols=True)
@@ -303,14 +309,14 @@ def restore_files(inputs: list[str], model: str = DEFAULT_MODEL, out: str | Path
             data = storage.read_bytes(job.source)
             declared = imageio.declared_size(data)
             if declared is not None:   # refuse what cannot fit before decoding it
-                fit(restorer, job.source, declared[1], declared[0], max_pixels, tiling, budget, mode, source_used)
+                fit(engine, job.source, declared[1], declared[0], max_pixels, tiling, budget, mode, source_used)
             source = decode_image(data, job.source, max_image_pixels)
-            chosen = fit(restorer, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget, mode, source_used)
-            result = restore_image(restorer, source.rgb, mode, max_pixels, chosen.restore_tiling, source_used)
+            chosen = fit(engine, job.source, *source.rgb.shape[:2], max_pixels, tiling, budget, mode, source_used)
+            result = engine.restore(source.rgb, mode, max_pixels, chosen, source_used)
             encoded = encode_like(result.rgb, source, job.target.suffix, quality)
             storage.write_bytes(job.target, encoded)
             if save_maps:
-                write_map(map_path(job.target), source.rgb, result.weight_map, restorer.names)
+                write_map(map_path(job.target), source.rgb, result.weight_map, engine.names)
         except AbairError as exc:
             failed.append({"source": job.source, "error": exc.problem})
             write(f"error: {exc}")
@@ -345,15 +351,6 @@ def check_options(mode: str, pw_source: str | None, save_maps: bool) -> None:
     if save_maps and mode != "pw":
         # sw and oh use one weight vector per image (printed on its line): there is no map to draw
         raise AbairError("--save-maps", f"draws the pixel-wise weight maps of --mode pw; mode {mode} has none")
-
-
-def pw_source_of(restorer, described: str, requested: str | None) -> str:
-    """The weight-map source mode pw will use with this system (`requested`, or the system's
-    default), or the AbairError naming the model and what it lacks."""
-    try:
-        return restorer.resolve_pw_source(requested)
-    except ValueError as exc:
-        raise AbairError(described, str(exc)) from None
 
 
 def describe_weights(mode: str, weights: dict[str, float]) -> str:
@@ -393,11 +390,12 @@ def map_picture(rgb: np.ndarray, weight_map: np.ndarray, names: list[str], rows:
     return picture
 
 
-def fit(restorer, name: str, height: int, width: int, max_pixels: int | None, tiling: str,
+def fit(engine: backends.Backend, name: str, height: int, width: int, max_pixels: int | None, tiling: str,
         budget: int | None, mode: str = "sw", pw_source: str | None = None) -> memory.Plan:
-    """The memory plan for one image (tasks/serve/memory.py), or the AbairError naming it."""
+    """The memory plan for one image (tasks/serve/memory.py, as the backend plans it), or the
+    AbairError naming it."""
     try:
-        return memory.plan_restore(restorer, height, width, max_pixels, tiling, budget, mode, pw_source)
+        return engine.plan(height, width, max_pixels, tiling, budget, mode, pw_source)
     except memory.DoesNotFit as exc:
         raise AbairError(name, str(exc)) from None
 

@@ -1,0 +1,125 @@
+"""What the torch Restorer does around the network, in numpy, for a runtime without torch: the
+weight map's window (models.restorer.map_window), local tiling's layout and blend
+(models.tiling.tiled_apply), the padding of small images (models.backbone.pad_to_multiple) and the
+keep blend (torch.lerp). The same arithmetic in float32; tests/test_onnx.py checks each against
+its torch original.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+SIZE_MULTIPLE = 8   # models.backbone.SIZE_MULTIPLE
+DEFAULT_OVERLAP = 32   # models.tiling.DEFAULT_OVERLAP
+
+
+def bilinear_rows(out_size: int, in_size: int, rows: np.ndarray) -> np.ndarray:
+    """len(rows) x in_size: rows of the bilinear resize matrix (align_corners=False, as
+    F.interpolate) from in_size to out_size samples (models.restorer.bilinear_rows)."""
+    source = np.maximum((rows.astype(np.float64) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = (source - low).astype(np.float32)
+    matrix = np.zeros((len(rows), in_size), np.float32)
+    index = np.arange(len(rows))
+    np.add.at(matrix, (index, low), 1.0 - frac)
+    np.add.at(matrix, (index, high), frac)
+    return matrix
+
+
+def map_window(weight_map: np.ndarray, size: tuple[int, int], rows: slice, cols: slice,
+               multiple: int = SIZE_MULTIPLE) -> np.ndarray:
+    """B x C x h x w map -> its bilinear resize to the image `size`, cut to rows x cols and padded
+    at the bottom/right to a multiple of `multiple` by repeating the last row and column."""
+    height, width = size
+    span_y, span_x = rows.stop - rows.start, cols.stop - cols.start
+    ys = np.minimum(np.arange(rows.start, rows.start + span_y + (-span_y % multiple)), rows.stop - 1)
+    xs = np.minimum(np.arange(cols.start, cols.start + span_x + (-span_x % multiple)), cols.stop - 1)
+    row_matrix = bilinear_rows(height, weight_map.shape[-2], ys)
+    col_matrix = bilinear_rows(width, weight_map.shape[-1], xs)
+    return np.ascontiguousarray(row_matrix @ weight_map.astype(np.float32) @ col_matrix.T)
+
+
+def reflect_fits(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> bool:
+    """Whether the backbone pads an image of this size by reflection (pad_to_multiple: the padding
+    is smaller than the image on both sides), else by repeating the edge."""
+    pad_h, pad_w = -height % multiple, -width % multiple
+    return (pad_h == 0 and pad_w == 0) or (pad_h < height and pad_w < width)
+
+
+def pad_edge(x: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
+    """... x H x W -> bottom/right padded to a multiple by repeating the edge (replicate)."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad_h), (0, pad_w)], mode="edge")
+
+
+def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
+    """torch.lerp's formula (the Restorer's keep blend): start + w (end - start), from the end
+    for w >= 0.5."""
+    weight = np.float32(weight)
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (np.float32(1.0) - weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Local tiling (models/tiling.py)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_ramp(length: int, rise: int, fall: int) -> np.ndarray:
+    def up(n: int) -> np.ndarray:
+        return (np.sin(np.float32(0.5 * math.pi) * (np.arange(n, dtype=np.float32) + np.float32(0.5)) / np.float32(n))
+                ** 2).astype(np.float32)
+
+    ramp = np.ones(length, np.float32)
+    if rise > 0:
+        ramp[:rise] = up(rise)
+    if fall > 0:
+        ramp[length - fall:] = np.minimum(ramp[length - fall:], up(fall)[::-1])
+    return ramp
+
+
+def ramps(size: int, tile: int, overlap: int) -> list[tuple[int, int, np.ndarray]]:
+    starts = tile_starts(size, tile, overlap)
+    out = []
+    for i, start in enumerate(starts):
+        length = min(tile, size - start)
+        rise = starts[i - 1] + tile - start if i > 0 else 0
+        fall = start + length - starts[i + 1] if i + 1 < len(starts) else 0
+        out.append((start, length, blend_ramp(length, rise, fall)))
+    return out
+
+
+def tiled_apply(fn: Callable[[np.ndarray, tuple[slice, slice]], np.ndarray], images: np.ndarray, tile: int,
+                overlap: int = DEFAULT_OVERLAP) -> np.ndarray:
+    """fn(crop, (rows, cols)) over overlapping tile x tile crops of B x C x H x W images, blended
+    with raised-cosine ramps into one image (float32)."""
+    b, c, h, w = images.shape
+    out = np.zeros((b, c, h, w), np.float32)
+    rows, cols = ramps(h, tile, overlap), ramps(w, tile, overlap)
+    total_y, total_x = _ramp_sum(rows, h), _ramp_sum(cols, w)
+    for y, th, wy in rows:
+        for x, tw, wx in cols:
+            where = (slice(y, y + th), slice(x, x + tw))
+            out[:, :, where[0], where[1]] += fn(images[:, :, where[0], where[1]], where) * (wy[:, None] * wx[None, :])
+    for top in range(0, h, tile):   # a band of rows at a time: no image-sized weight array
+        band = slice(top, top + tile)
+        out[:, :, band] /= total_y[band, None] * total_x[None, :]
+    return out
+
+
+def _ramp_sum(ramps_: list[tuple[int, int, np.ndarray]], size: int) -> np.ndarray:
+    total = np.zeros(size, np.float32)
+    for start, length, ramp in ramps_:
+        total[start:start + length] += ramp
+    return total

@@ -407,3 +407,21 @@ def test_numpy_padding_and_blend_follow_the_backbone_and_lerp():
     a, b = torch.rand(3, 4, 5), torch.rand(3, 4, 5)
     for weight in (0.1, 0.5, 0.9):
         assert np.abs(arrays.lerp(a.numpy(), b.numpy(), weight) - torch.lerp(a, b, weight).numpy()).max() < 1e-6
+
+
+def test_onnxruntime_plans_with_its_own_memory_figure_and_smaller_tiles_when_needed():
+    from types import SimpleNamespace
+
+    from tasks.serve import memory
+    from tasks.serve.backends.onnxruntime_backend import MIN_TILE, RUN_FLOATS, OnnxRuntimeBackend
+
+    system = SimpleNamespace(dim=16, k=5)
+    plan = OnnxRuntimeBackend.plan(system, 1024, 1024, 512 * 512, "auto", 2 * 1024**3, "sw", None)
+    # 512 px tiles would need 4 x 170 x 16 x 512^2 bytes (2.8 GB) of runtime: the next side down fits
+    assert memory.estimate(16, 1024, 1024, "local", 512, run_floats=RUN_FLOATS) > 2 * 1024**3
+    assert (plan.tiling, plan.tile) == ("local", 384) and plan.estimate <= 2 * 1024**3
+    small = OnnxRuntimeBackend.plan(system, 300, 200, 512 * 512, "auto", 2 * 1024**3, "sw", None)
+    assert small.tiling == "whole" and small.estimate == memory.estimate(16, 300, 200, "local", 512, run_floats=RUN_FLOATS)
+    with pytest.raises(memory.DoesNotFit, match="local tiles of 128 px"):
+        OnnxRuntimeBackend.plan(system, 1024, 1024, 512 * 512, "auto", 250 * 1024**2, "sw", None)
+    assert MIN_TILE == 128

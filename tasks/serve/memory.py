@@ -116,13 +116,15 @@ def pw_map_bytes(pixels: int, columns: int) -> int:
 
 
 def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None, mode: str = "sw",
-             columns: int = 0, pw_source: str | None = None) -> int:
+             columns: int = 0, pw_source: str | None = None, run_floats: int | None = None) -> int:
     """Peak bytes a restore adds for an image of height x width with this tiling; mode "pw" with a
-    weight map of `columns` columns (adapters + keep) from `pw_source` (dense | seg)."""
+    weight map of `columns` columns (adapters + keep) from `pw_source` (dense | seg); `run_floats`:
+    what a run of the whole network holds per pixel and unit of width, where the runtime is not
+    torch's (WHOLE_FLOATS / PW_RUN_FLOATS)."""
     pixels = height * width
     image = image_bytes(height, width)
     pixel_wise = mode == "pw"
-    run_floats = PW_RUN_FLOATS if pixel_wise else WHOLE_FLOATS
+    run_floats = run_floats or (PW_RUN_FLOATS if pixel_wise else WHOLE_FLOATS)
     held_map = pw_map_bytes(pixels, columns) if pixel_wise else 0
     if tile is None or (height <= tile and width <= tile):
         total = image + network_bytes(dim, pixels, run_floats) + held_map
@@ -146,7 +148,7 @@ def estimate(dim: int, height: int, width: int, tiling: str, tile: int | None, m
 
 def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "auto",
          budget: int | None = DEFAULT_BUDGET, mode: str = "sw", columns: int = 0,
-         pw_source: str | None = None) -> Plan:
+         pw_source: str | None = None, run_floats: int | None = None) -> Plan:
     """The tiling for one image: the requested one, or with "auto" exact where it fits the budget,
     else local. `tile` is the tile side the pixel budget gives (None: whole images); mode, columns
     and pw_source as in `estimate`. Raises DoesNotFit, saying what it would take, when the choice
@@ -157,7 +159,8 @@ def plan(dim: int, height: int, width: int, tile: int | None, tiling: str = "aut
         choices = ["whole"]
     else:
         choices = ["exact", "local"] if tiling == "auto" else [tiling]
-    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile, mode, columns, pw_source))
+    plans = [Plan(c, None if c == "whole" else tile, estimate(dim, height, width, c, tile, mode, columns, pw_source,
+                                                              run_floats))
              for c in choices]
     for candidate in plans:
         if budget is None or candidate.estimate <= budget:

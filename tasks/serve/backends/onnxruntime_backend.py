@@ -94,6 +94,15 @@ def metadata(session) -> dict[str, str]:
     return {key[len(METADATA_PREFIX):]: value for key, value in meta.items() if key.startswith(METADATA_PREFIX)}
 
 
+
+# What a run of the restorer graph holds in onnxruntime, in float32 values per pixel and unit of
+# backbone width (memory.estimate's run_floats): measured on the default tiny system, 1024 x 1024
+# whole, two images in one process: 10.7 GB peak (one image: 5.6 GB; the CPU arena grows by
+# doubling), against torch's WHOLE_FLOATS of 28 (benchmarks/results/inference.md).
+RUN_FLOATS = 170
+# Local tiles no smaller than this (the overlap is 32 px a side).
+MIN_TILE = 128
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -140,9 +149,19 @@ class OnnxRuntimeBackend(Backend):
     def plan(self, height, width, max_pixels, tiling, budget, mode, pw_source):
         from tasks.serve import memory
 
-        # whole where the image fits the tile budget, else local tiles (exact tiling is refused)
-        return memory.plan(self.dim, height, width, memory.tile_side(max_pixels), "local", budget, mode, self.k + 1,
-                           pw_source)
+        # whole where the image fits the tile budget, else local tiles (exact tiling is refused);
+        # onnxruntime holds far more per pixel than torch (RUN_FLOATS), so where the tile budget's
+        # tiles do not fit the memory budget, smaller local tiles are tried before refusing
+        side = memory.tile_side(max_pixels)
+        sides = [side] if side is None else \
+            [side] + [s for s in (side * 3 // 4 // 8 * 8, side // 2 // 8 * 8, MIN_TILE) if MIN_TILE <= s < side]
+        for tile in sides:
+            try:
+                return memory.plan(self.dim, height, width, tile, "local", budget, mode, self.k + 1, pw_source,
+                                   run_floats=RUN_FLOATS)
+            except memory.DoesNotFit as exc:
+                refusal = exc
+        raise refusal
 
     # -- restoring ------------------------------------------------------------------------------
 

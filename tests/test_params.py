@@ -23,6 +23,11 @@ def test_overrides_apply_within_a_section_or_to_the_whole_file(tmp_path):
     whole = Params.read(path, ["adapters.rank=16", "pretrain.steps=3"])
     assert whole.section("adapters")["rank"] == 16 and whole.section("pretrain")["steps"] == 3
     assert load_params(path, "adapters", ["rank=8", "kind=adaptir"]) == params.section("adapters")
+    # the whole-file spelling means the same on a stage command; another section's key is refused
+    assert Params.read(path, ["adapters.rank=8", "kind=adaptir"], within="adapters").section("adapters") == \
+        params.section("adapters")
+    with pytest.raises(AbairError, match="sets the `pretrain` section; this command reads `adapters`"):
+        Params.read(path, ["pretrain.steps=3"], within="adapters")
     # a section is a copy: changing it changes nothing the entry point hands to the next stage
     params.section("adapters")["rank"] = 99
     assert params.section("adapters")["rank"] == 8

@@ -54,8 +54,20 @@ class Params:
         if within is None:
             params.values = apply_overrides(values, overrides)
         else:
-            params.values[within] = apply_overrides(params.section(within), overrides)
+            section = params.section(within)
+            params.values[within] = apply_overrides(section, [params._relative(item, within, section) for item in overrides])
         return params
+
+    def _relative(self, item: str, within: str, section: dict) -> str:
+        """A stage command's override, relative to its section: `estimator.lr=1` on the estimator
+        command means `lr=1` (the whole-file spelling works too); another section's key is an error
+        rather than a new, silently unused sub-section."""
+        first, _, rest = item.partition(".")
+        if "=" in first or first in section or first not in self.values:
+            return item
+        if first == within:
+            return rest
+        raise AbairError(item, f"sets the `{first}` section; this command reads `{within}` (--set is relative to it)")
 
     def section(self, name: str, optional: bool = False) -> dict:
         """A copy of section `name`; a missing one is an error unless `optional` (then {})."""

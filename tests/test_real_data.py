@@ -199,6 +199,49 @@ def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_keep_harm_weight_leans_to_keeping_where_the_head_cannot_tell_samples_apart():
+    """Two samples the head sees alike (same features): on one the network gains 6 dB, on the
+    other it loses 6 dB. The plain loss settles on a keep between them and serves the second
+    worse than its input; with the harm penalty keep rises until neither is made worse by more
+    than the margin (0.1 dB). The penalty is exactly zero while nothing is made worse."""
+    from tasks.train import loop
+    from tasks.train.estimator import HARM_MARGIN_DB, keep_loss, served_mse
+
+    # per sample: error of the input (keep 1) and of the network (keep 0), independent errors
+    def quadratic(input_mse: float, network_mse: float) -> torch.Tensor:
+        return torch.tensor([input_mse + network_mse, -network_mse, network_mse])  # d = x - r, e = r - c, d.e = -|e|^2
+
+    helped, hurt = quadratic(4e-3, 1e-3), quadratic(1e-3, 4e-3)
+    quad = torch.stack([helped, hurt])
+    features = torch.ones(2, 1)
+
+    def trained_keep(harm_weight: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(1, 1)
+        cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 400, "batch": 2, "log_every": 100}
+        loop.fit(loop.Training(list(head.parameters()), cfg, torch.device("cpu")),
+                 keep_loss(head, features, quad, harm_weight=harm_weight),
+                 ((step, torch.arange(2)) for step in range(400)), cfg, 400, torch.device("cpu"), progress=False)
+        with torch.no_grad():
+            return torch.sigmoid(head(features)[:, 0])
+
+    def change_db(keep: torch.Tensor) -> torch.Tensor:   # served against input, dB
+        return 10 * torch.log10(served_mse(quad, torch.ones(2)) / served_mse(quad, keep))
+
+    plain, careful = trained_keep(0.0), trained_keep(10.0)
+    assert float(change_db(plain)[1]) < -0.5                  # the plain mean spoils the second
+    assert float(change_db(careful).min()) >= -HARM_MARGIN_DB - 0.02
+    assert float(careful[0]) > float(plain[0]) + 0.05         # at the price of part of the first's gain
+    assert float(change_db(careful)[0]) > 0.5
+    # nothing made worse: the penalty adds nothing
+    head = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.fill_(8.0)              # keep ~ 1
+    rows = torch.arange(2)
+    assert torch.equal(keep_loss(head, features, quad, harm_weight=10.0)(rows)[0],
+                       keep_loss(head, features, quad)(rows)[0])
+
+
 def test_keep_quadratic_is_the_served_error_at_every_keep_and_its_minimum():
     """The cached (a, b, c) give the served blend's MSE exactly for any keep, and optimal_keep is
     its minimiser on [0, 1] (1 when the network changed nothing)."""

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME_KNOBS = ("device", "workers", "log_every")
 KEEP_MSE_FLOOR = 1e-4  # the keep step's PSNR cap: 40 dB (a clean image kept within 40 dB counts as kept)
+HARM_MARGIN_DB = 0.1   # "made worse": more than this below the input (the evaluation's worse share)
 
 
 def adapter_sources(files: list[Path]) -> list[dict]:
@@ -482,8 +483,9 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     picks = torch.Generator().manual_seed(cfg["seed"] + 3)
     batches = ((step, train[torch.randint(0, len(train), (keep_batch,), generator=picks)]) for step in range(keep_steps))
     head_fn = estimator.keep_head.to(device)
-    losses = loop.fit(loop.Training(head, keep_cfg, device), keep_loss(head_fn, features, quadratic),
-                      batches, keep_cfg, keep_steps, device, steplog=steplog, desc="estimator keep", progress=progress)
+    loss_fn = keep_loss(head_fn, features, quadratic, harm_weight=float(cfg.get("keep_harm_weight", 0.0)))
+    losses = loop.fit(loop.Training(head, keep_cfg, device), loss_fn, batches, keep_cfg, keep_steps, device,
+                      steplog=steplog, desc="estimator keep", progress=progress)
     for p in estimator.parameters():
         p.requires_grad_(True)
     report = keep_report(head_fn, features[val], quadratic[val])
@@ -547,26 +549,37 @@ def served_mse(quadratic: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (a * keep.pow(2) + 2 * b * keep + c).clamp_min(0.0)
 
 
-def keep_loss(head, features: torch.Tensor, quadratic: torch.Tensor, floor: float = KEEP_MSE_FLOOR):
+def keep_loss(head, features: torch.Tensor, quadratic: torch.Tensor, floor: float = KEEP_MSE_FLOOR,
+              harm_weight: float = 0.0, harm_margin_db: float = HARM_MARGIN_DB):
     """The loop's loss for the keep step (batches are index tensors into the cache): the mean over
     samples of log10(MSE + floor) of the served blend, i.e. minus each sample's PSNR (to a cap of
     -10 log10(floor) dB). The mean PSNR over images is what the evaluation reports and what a user
     sees one photo at a time, so every image weighs alike in dB: a clean photo the network spoils
-    (keep should go to 1) counts as much as a degraded one it repairs (keep to 0). `keep_target`
-    logs the mean of each sample's best keep (optimal_keep), what the head should approach."""
+    (keep should go to 1) counts as much as a degraded one it repairs (keep to 0).
+
+    `harm_weight` adds, per sample, that weight times the dB by which the served blend falls more
+    than `harm_margin_db` below its input: a photo made worse is a failure a user sees, a gain
+    missed is not, so where the head cannot tell the two apart it should lean to keeping. At 0 the
+    loss is the plain mean; the penalty is zero wherever keep 1 is reachable, so it only moves keep
+    up. `keep_target` logs the mean of each sample's best keep (optimal_keep)."""
     device = next(head.parameters()).device
+    margin = harm_margin_db / 10.0  # log10 units of MSE
 
     def loss_fn(rows):
         feats, quad = features[rows].to(device), quadratic[rows].to(device)
         keep = torch.sigmoid(head(feats).float())[:, 0]
-        loss = torch.log10(served_mse(quad, keep) + floor).mean()
+        served = torch.log10(served_mse(quad, keep) + floor)
+        loss = served.mean()
+        if harm_weight > 0:
+            given = torch.log10(served_mse(quad, torch.ones_like(keep)) + floor)
+            loss = loss + harm_weight * F.relu(served - given - margin).mean()
         return loss, {"keep": float(keep.detach().mean()), "keep_target": float(optimal_keep(quad).mean())}
 
     return loss_fn
 
 
 @torch.no_grad()
-def keep_report(head, features: torch.Tensor, quadratic: torch.Tensor, worse_db: float = 0.1) -> dict:
+def keep_report(head, features: torch.Tensor, quadratic: torch.Tensor, worse_db: float = HARM_MARGIN_DB) -> dict:
     """Held-out samples' mean PSNR (dB, capped as in the loss) of the input (keep 1), the network
     (keep 0), the served blend and the best keep, and the share served worse than its input."""
     device = next(head.parameters()).device

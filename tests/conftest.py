@@ -176,3 +176,15 @@ def make_components(folder: Path, names=("rain", "haze"), seed: int = 0) -> Path
     estimator = Estimator(len(names), width=4, crops=1, crop_size=16, view_size=16, class_names=list(names))
     save_estimator(estimator, folder / "estimator.safetensors")
     return folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A registry of this module's own: a temporary SQLite file, artifacts next to it."""
+    from tasks.core import tracking
+
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        tracking.client().create_experiment(tracking.EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+        yield root

@@ -31,18 +31,6 @@ GATE = {"mode": "sw", "metric": "psnr", "avg_tolerance_db": 0.0, "task_tolerance
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A registry of this module's own: a temporary SQLite file, artifacts next to it."""
-    from tasks.core import tracking
-
-    root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        tracking.client().create_experiment(tracking.EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-        yield root
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     return make_components(tmp_path_factory.mktemp("system") / "checkpoints")
 

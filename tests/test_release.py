@@ -68,18 +68,6 @@ def system(tmp_path_factory) -> Path:
     return tiny_system(tmp_path_factory.mktemp("system") / "checkpoints")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A registry of this module's own: a temporary SQLite file, artifacts next to it."""
-    from tasks.core import tracking
-
-    root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        tracking.client().create_experiment(tracking.EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-        yield root
-
-
 def images(seed: int = 0) -> torch.Tensor:
     return torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(seed))
 

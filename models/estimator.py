@@ -16,6 +16,17 @@ change it makes (a naturally soft photo sharpened into halos, a dim one brighten
 input alone cannot say. Estimators saved before this existed load with neither (keep 0, adapter
 weights summing to one), as they were trained.
 
+Looking at a photo at the scale it learned (`window`, `keep_window`): the estimator trains on
+samples of one size (the shard crops, 96-128 px; the keep head on the keep step's central crops),
+while photos are several times larger, and downscaling a whole photo into the view makes its noise
+fainter, its rain streaks thinner and its texture finer than anything seen in training (on the
+`real` profile: Gaussian noise called rain, real camera noise called blur). With `window` set, the
+image-level features are those of a grid of `windows` windows of that side, each looked at exactly
+as a training sample of that size (view and native crops), averaged; `keep_window` does the same
+for the keep head's features of the input and of the network's output. An image no larger than the
+window is looked at whole, as before. Estimators saved before this load with neither (the whole
+image, as they were scored).
+
 Dense head (`dense`, for the pixel-wise mode `pw`): spatial logits at `view_size / DENSE_STRIDE`,
 added to the image-level logits, so a spatial term that is the same at every pixel and for every
 output gives exactly the image-level weights. Two terms (DenseDecoder): the image-level head
@@ -63,6 +74,9 @@ class EstimatorConfig:
     random_crops: bool = False
     do_no_harm: bool = False
     dense: bool = False
+    window: int | None = None
+    keep_window: int | None = None
+    windows: int = 9
 
 
 class StatPool(nn.Module):
@@ -160,10 +174,28 @@ def crop_origins(h: int, w: int, size: int, count: int) -> list[tuple[int, int]]
     return [spots[i % len(spots)] for i in range(count)]
 
 
+def grid_origins(h: int, w: int, size: int, count: int) -> list[tuple[int, int]]:
+    """`count` window positions on an even grid (rows x cols as square as `count` allows, the
+    extra rows or columns along the image's longer side), first and last flush with the edges."""
+    short = 1
+    while (short + 1) ** 2 <= count:
+        short += 1
+    long = count // short
+    # square grids need no comparison of the sides (none in a traced graph: it would fix them)
+    rows, cols = (short, short) if long == short else ((long, short) if h > w else (short, long))
+    bottom, right = torch.sym_max(h - size, 0), torch.sym_max(w - size, 0)
+
+    def spread(extent, n: int) -> list:
+        return [extent // 2] if n == 1 else [extent * i // (n - 1) for i in range(n)]
+
+    return [(y, x) for y in spread(bottom, rows) for x in spread(right, cols)]
+
+
 class Estimator(nn.Module):
     def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
                  view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
-                 dense: bool = False, class_names: Sequence[str] | None = None):
+                 dense: bool = False, window: int | None = None, keep_window: int | None = None,
+                 windows: int = 9, class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
             raise ValueError("the estimator needs at least one output")
@@ -171,7 +203,13 @@ class Estimator(nn.Module):
             raise ValueError(f"{len(class_names)} class names for {num_outputs} outputs")
         if dense and view_size < DENSE_STRIDE:
             raise ValueError(f"a dense head needs view_size >= {DENSE_STRIDE}, got {view_size}")
-        self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense)
+        for name, side in (("window", window), ("keep_window", keep_window)):
+            if side is not None and side < 1:
+                raise ValueError(f"{name} must be a positive number of pixels or None, got {side}")
+        if windows < 1:
+            raise ValueError(f"windows must be >= 1, got {windows}")
+        self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense,
+                                      window, keep_window, windows)
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
@@ -245,8 +283,19 @@ class Estimator(nn.Module):
         return torch.cat(feats, dim=1), maps
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W in [0, 1] -> B x F pooled features of both trunks."""
-        return self._look(x)[0]
+        """B x 3 x H x W in [0, 1] -> B x F pooled features of both trunks, at the config's `window`."""
+        return self.features_at(x, self.config.window)
+
+    def features_at(self, x: torch.Tensor, window: int | None) -> torch.Tensor:
+        """The pooled features of the whole image (`window` None), or their mean over the config's
+        `windows` grid windows of side `window`, each looked at as a training sample of that size."""
+        h, w = x.shape[-2:]
+        # a training sample (or anything no larger) is one window: looked at whole, as in training
+        if window is None or (not torch.compiler.is_exporting() and h <= window and w <= window):
+            return self._look(x)[0]
+        origins = grid_origins(h, w, window, self.config.windows)
+        windows = torch.cat([x[:, :, y:y + window, x0:x0 + window] for y, x0 in origins], dim=0)
+        return self._look(windows)[0].view(len(origins), x.shape[0], -1).mean(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x K adapter logits."""
@@ -282,6 +331,9 @@ class Estimator(nn.Module):
         if self.dense_head is None:
             raise ValueError("this estimator has no dense head (it was trained with estimator.dense: false)")
         features, maps = self._look(x)
+        if self.config.window is not None:
+            # the map needs the whole image in the view; the image-level weights look at windows
+            features = self.features(x)
         image = self._image_logits(features)
         with torch.no_grad():
             contrast = self.cell_logits(maps[-1], features) - image[:, :, None, None]
@@ -311,7 +363,8 @@ class Estimator(nn.Module):
 
     def keep_logit(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1: the keep logit for inputs `x` and the network's outputs `restored` for them."""
-        return self.keep_head(torch.cat([self.features(x), self.features(restored)], dim=1))
+        window = self.config.keep_window
+        return self.keep_head(torch.cat([self.features_at(x, window), self.features_at(restored, window)], dim=1))
 
     def keep(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1 keep in [0, 1] (0 for an estimator without do-no-harm)."""

@@ -332,9 +332,15 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     if start is not None:
         estimator = start.to(device)
     else:
+        # photos are looked at in windows of the size the estimator trains on (the shard crops; the
+        # keep head: the keep step's crops), so it sees them at the scale it learned (models/estimator.py)
+        windowed = bool(cfg.get("windowed", False))
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
                               view_size=cfg["view_size"], random_crops=True, do_no_harm=bool(cfg.get("do_no_harm", False)),
-                              dense=bool(cfg.get("dense", False)), class_names=names).to(device)
+                              dense=bool(cfg.get("dense", False)),
+                              window=index["crop_size"] if windowed else None,
+                              keep_window=(cfg.get("keep_crop") or index["crop_size"]) if windowed else None,
+                              windows=int(cfg.get("windows", 9)), class_names=names).to(device)
     do_no_harm, dense = estimator.base is not None, estimator.has_dense
     dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
@@ -529,7 +535,9 @@ def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, 
         bank_weights[:, columns] = weights[:, :len(names)]
         with bank.weights(bank_weights):
             restored = backbone(degraded).float().clamp(0, 1)
-        features.append(torch.cat([estimator.features(degraded), estimator.features(restored)], dim=1).cpu())
+        window = estimator.config.keep_window
+        features.append(torch.cat([estimator.features_at(degraded, window), estimator.features_at(restored, window)],
+                                  dim=1).cpu())
         quadratic.append(keep_quadratic(degraded, restored, clean).cpu())
     estimator.train()
     return torch.cat(features)[:samples], torch.cat(quadratic)[:samples]

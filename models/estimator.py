@@ -269,13 +269,17 @@ class Estimator(nn.Module):
             crops = F.interpolate(crops, size=(size, size), mode="nearest")
         return crops
 
+    def _view(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x - 0.5 (B x 3 x H x W) -> (B x 16w pooled features of the global trunk, its maps)."""
+        view = F.interpolate(x, size=(self.config.view_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False)                                    # B x 3 x V x V
+        return trunk_maps(self.global_trunk, view)
+
     def _look(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """B x 3 x H x W in [0, 1] -> (B x F pooled features of both trunks, the global trunk's maps)."""
         b = x.shape[0]
         x = x - 0.5
-        view = F.interpolate(x, size=(self.config.view_size,) * 2, mode="bilinear", antialias=True,
-                             align_corners=False)                                    # B x 3 x V x V
-        pooled, maps = trunk_maps(self.global_trunk, view)                           # B x 16w
+        pooled, maps = self._view(x)                                                 # B x 16w
         feats = [pooled]
         if self.local_trunk is not None:
             local = self.local_trunk(self.native_crops(x))                          # (crops*B) x 16w
@@ -330,10 +334,11 @@ class Estimator(nn.Module):
         0.31 without a dense head.)"""
         if self.dense_head is None:
             raise ValueError("this estimator has no dense head (it was trained with estimator.dense: false)")
-        features, maps = self._look(x)
-        if self.config.window is not None:
+        if self.config.window is None:
+            features, maps = self._look(x)
+        else:
             # the map needs the whole image in the view; the image-level weights look at windows
-            features = self.features(x)
+            features, maps = self.features(x), self._view(x - 0.5)[1]
         image = self._image_logits(features)
         with torch.no_grad():
             contrast = self.cell_logits(maps[-1], features) - image[:, :, None, None]

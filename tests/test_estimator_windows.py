@@ -115,3 +115,20 @@ def test_windows_round_trip_and_older_files_load_whole(tmp_path):
 def test_bad_window_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Estimator(2, **kwargs)
+
+
+def test_the_dense_map_reads_the_whole_view_while_the_image_weights_read_windows():
+    torch.manual_seed(0)
+    est = Estimator(3, width=4, crops=1, crop_size=16, view_size=24, do_no_harm=True, dense=True,
+                    window=32, windows=4).eval()
+    whole = Estimator(3, width=4, crops=1, crop_size=16, view_size=24, do_no_harm=True, dense=True).eval()
+    whole.load_state_dict(est.state_dict())
+    x = noisy(64, 96, 5)
+    with torch.no_grad():
+        image, pixels = est.logits_and_map(x)
+        torch.testing.assert_close(image, est.logits(x), rtol=0, atol=0)
+        # the spatial term comes from the whole-image view, as without windows
+        whole_image, whole_pixels = whole.logits_and_map(x)
+        spatial = pixels - image[:, :, None, None]
+        whole_spatial = whole_pixels - whole_image[:, :, None, None]
+        assert spatial.shape == whole_spatial.shape == (1, 4, 12, 12)

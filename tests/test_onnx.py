@@ -58,8 +58,8 @@ def make_system(folder: Path, kind: str, dense: bool, keep: bool, seed: int = 0)
             for param in bank.parameters_of(name):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
         bank.save(name, folder / "adapters" / f"{name}.safetensors")
-    # the system with keep looks at photos in windows (the trained default's layout), so that
-    # the graphs trace the windowed features; the other looks at them whole (older estimators)
+    # the system with keep looks at photos in windows (estimator.windowed), so that the graphs
+    # trace the windowed features; the other looks at them whole (the default, and older estimators)
     windows = {"window": 24, "keep_window": 20, "windows": 4} if keep else {}
     estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=keep, dense=dense,
                           class_names=list(NAMES), **windows)

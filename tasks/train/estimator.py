@@ -332,8 +332,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     if start is not None:
         estimator = start.to(device)
     else:
-        # photos are looked at in windows of the size the estimator trains on (the shard crops; the
-        # keep head: the keep step's crops), so it sees them at the scale it learned (models/estimator.py)
+        # `windowed`: photos are looked at in windows of the size the estimator trains on (the shard
+        # crops; the keep head: the keep step's crops), the scale it learned (models/estimator.py)
         windowed = bool(cfg.get("windowed", False))
         estimator = Estimator(len(names), width=cfg["width"], crops=cfg["crops"], crop_size=cfg["crop_size"],
                               view_size=cfg["view_size"], random_crops=True, do_no_harm=bool(cfg.get("do_no_harm", False)),

@@ -91,3 +91,51 @@ def test_a_run_without_checkpoints_logs_every_n_steps_and_leaves_signals_alone(t
     assert table["step"] == [2, 4, 6, 8]
     assert table["loss"] == pytest.approx([losses[i] for i in (1, 3, 5, 7)], rel=1e-5)
     assert table["lr"][-1] == pytest.approx(loop.warmup_cosine(STEPS - 1, STEPS, 2, CFG["lr"], CFG["min_lr"]), rel=1e-5)
+
+
+class FakeClock:
+    """One second passes every time the clock is read."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_time_budget_anneals_on_time_and_ends_the_run_when_spent(tmp_path):
+    from tasks.train.logs import StepLog
+
+    training = new_training(ema=False)
+    steplog = StepLog(tmp_path / "log.tsv", ["loss", "mean", "lr", "img_per_s"])
+    budget = loop.TimeBudget(5 / 60, clock=FakeClock())  # 5 s; the clock reads 1, 2, 3, ... s at steps 0, 1, 2, ...
+    CFG1 = {**CFG, "log_every": 1}
+    loop.fit(training, square_loss(training), batches(0), CFG1, STEPS, torch.device("cpu"), steplog=steplog,
+             progress=False, budget=budget)
+    assert training.budget_spent and not training.stopped
+    assert training.step == 4 and len(training.losses) == 4 and training.elapsed == 5.0
+    # the schedule runs on the elapsed fraction (step 3 at 4 of 5 s is 6.4 of 8 steps), not on the step
+    expected = [loop.warmup_cosine(max(step, STEPS * (step + 1) / 5), STEPS, 2, CFG["lr"], CFG["min_lr"]) for step in range(4)]
+    assert steplog.read()["lr"] == pytest.approx(expected, rel=1e-5)
+    assert expected[-1] < loop.warmup_cosine(3, STEPS, 2, CFG["lr"], CFG["min_lr"]) / 2
+
+
+def test_a_budget_long_enough_changes_nothing_and_its_time_is_kept_through_a_resume(tmp_path):
+    plain = new_training()
+    loop.fit(plain, square_loss(plain), batches(0), CFG, STEPS, torch.device("cpu"), progress=False)
+    budgeted = new_training()
+    checkpoints = loop.Checkpoints(tmp_path / "state.pt", every=100, inputs_hash="h", stop_after=3)
+    loop.fit(budgeted, square_loss(budgeted), batches(0), CFG, STEPS, torch.device("cpu"), progress=False,
+             checkpoints=checkpoints, budget=loop.TimeBudget(60.0, clock=FakeClock()))
+    assert budgeted.stopped and budgeted.elapsed == 3.0
+    resumed = new_training()
+    checkpoints.stop_after = None
+    checkpoints.resume(resumed, "auto", "test", STEPS)
+    assert resumed.step == 3 and resumed.elapsed == 3.0
+    loop.fit(resumed, square_loss(resumed), batches(resumed.step), CFG, STEPS, torch.device("cpu"), progress=False,
+             checkpoints=checkpoints, budget=loop.TimeBudget(60.0, clock=FakeClock()))
+    assert not resumed.budget_spent and resumed.losses == plain.losses
+    assert resumed.elapsed == 3.0 + 5  # the first step after the resume reads 1 s past the saved 3 s
+    with pytest.raises(Exception, match="time_budget_min"):
+        loop.TimeBudget(0)

@@ -249,3 +249,18 @@ def test_warmup_cosine_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_pretrain_ends_on_its_time_budget_with_the_steps_it_ran_recorded(tmp_path, tiny_shards, train_params):
+    from safetensors import safe_open
+
+    cfg = {**train_params["pretrain"], "time_budget_min": 1e-9}  # spent at once: the one step a phase always runs
+    out = tmp_path / "backbone.safetensors"
+    result = pretrain(cfg, shards=str(tiny_shards), out=str(out), state_path=str(tmp_path / "state.pt"),
+                      reports=str(tmp_path / "reports"), progress=False)
+    assert result["steps"] == 1 < cfg["steps"] == result["steps_planned"] and result["ended_by"] == "time_budget"
+    assert len(result["losses"]) == 1 and not (tmp_path / "state.pt").exists()
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["steps"] == "1"
+    metrics = json.loads((tmp_path / "reports" / "pretrain.json").read_text())
+    assert metrics["steps"] == 1 and metrics["ended_by"] == "time_budget" and metrics["train_seconds"] >= 0

@@ -95,11 +95,52 @@ def seed_everything(seed: int) -> None:
 # optimisation
 
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total`."""
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total`. `step` may be fractional
+    (a time budget's schedule step)."""
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * min(1.0, (step + 1) / warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class TimeBudget:
+    """A phase's wall-clock budget (`time_budget_min`, the time inside training steps): once the
+    elapsed share of the budget is ahead of the step share, the LR schedule follows the time, and
+    the run ends when the budget is spent. A machine fast enough for `steps` runs exactly as
+    without a budget; a slower one anneals on time and ends on time with fewer steps (the phase
+    records how many; a run that ends on time is not bit-reproducible on another machine). Elapsed
+    time is carried through resumes (`Training.elapsed`); under DDP the main process's clock is
+    broadcast each step, so every rank takes the same LR and stops at the same step."""
+
+    def __init__(self, minutes: float | None, clock: Callable[[], float] | None = None):
+        if minutes is not None and minutes <= 0:
+            raise AbairError("time_budget_min", f"must be positive or null, got {minutes}")
+        self.seconds = None if minutes is None else 60.0 * float(minutes)
+        self.clock = clock or time.perf_counter
+        self.origin: float | None = None
+
+    def start(self, training: "Training") -> None:
+        """Count from now, on top of the time the run had spent before a resume."""
+        self.origin = self.clock() - training.elapsed
+
+    def elapsed(self, dist: "Dist", device: torch.device) -> float:
+        seconds = self.clock() - self.origin
+        if self.seconds is not None and dist.world > 1:  # without a budget the time only gets reported
+            shared = torch.tensor([seconds], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(shared, src=0)
+            seconds = float(shared.item())
+        return seconds
+
+    def schedule_step(self, step: int, total: int, elapsed: float) -> float:
+        """The step the LR schedule is evaluated at: the real one, or where the elapsed share of the
+        budget is once that is a whole step ahead (so a machine on time runs exactly as without one)."""
+        if self.seconds is None:
+            return step
+        on_time = total * min(1.0, elapsed / self.seconds)
+        return on_time if on_time > step + 1 else step
+
+    def spent(self, elapsed: float) -> bool:
+        return self.seconds is not None and elapsed >= self.seconds
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping, device: torch.device) -> torch.optim.AdamW:
@@ -220,11 +261,13 @@ class Training:
         self.step = 0
         self.losses: list[float] = []
         self.stopped = False  # set when the run stopped early (SIGTERM, stop_after) with its state saved
+        self.elapsed = 0.0  # seconds spent training, carried through resumes (the time budget counts them)
+        self.budget_spent = False  # set when the run ended on its time budget before its last step (a finished run)
 
     def state_dict(self, inputs_hash: str) -> dict:
         return {"step": self.step, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
-                "losses": self.losses, "inputs_hash": inputs_hash}
+                "losses": self.losses, "inputs_hash": inputs_hash, "elapsed": self.elapsed}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
@@ -233,6 +276,7 @@ class Training:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         self.step, self.losses = state["step"], state["losses"]
+        self.elapsed = float(state.get("elapsed", 0.0))
 
 
 @dataclass
@@ -277,8 +321,9 @@ class StepReport:
         self.images = cfg["batch"] * world * self.every
         self.last = time.perf_counter()
 
-    def __call__(self, done: int, loss: float, extra: Mapping, lr: float) -> None:
-        if done % self.every != 0 and done != self.total_steps:
+    def __call__(self, done: int, loss: float, extra: Mapping, lr: float, last: bool = False) -> None:
+        """`last`: the run ends at `done` before `total_steps` (a time budget): logged whatever the step."""
+        if done % self.every != 0 and done != self.total_steps and not last:
             return
         now = time.perf_counter()
         metrics = {"loss": loss, **{k: float(v) for k, v in extra.items()}, "lr": lr,
@@ -293,10 +338,11 @@ class StepReport:
 
 def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps: int, device: torch.device, *,
         steplog: StepLog | None = None, desc: str = "train", progress: bool = True,
-        checkpoints: Checkpoints | None = None, dist: Dist = Dist(), keep_bar: bool = False) -> list[float]:
+        checkpoints: Checkpoints | None = None, dist: Dist = Dist(), keep_bar: bool = False,
+        budget: TimeBudget | None = None) -> list[float]:
     """Train over `batches` ((step, batch) pairs from `training.step` on) to `total_steps`, or
-    until a stop request when `checkpoints` make the run resumable (then `training.stopped`).
-    Returns every step's loss."""
+    until a stop request when `checkpoints` make the run resumable (then `training.stopped`), or
+    until `budget` is spent (then `training.budget_spent`). Returns every step's loss."""
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=training.step, desc=desc, unit="step",
@@ -305,8 +351,22 @@ def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps:
     optimizer = training.optimizer
     try:
         with StopSignal() if checkpoints is not None else contextlib.nullcontext() as stop:
+            ran = False  # a step of this call ran (its loss, extras and LR are the last ones)
+            if budget is not None:
+                budget.start(training)
             for step, batch in batches:
-                lr = warmup_cosine(step, total_steps, cfg.get("warmup_steps", 0), cfg["lr"], cfg.get("min_lr", 0.0))
+                schedule_step = step
+                if budget is not None:
+                    training.elapsed = budget.elapsed(dist, device)
+                    if budget.spent(training.elapsed) and training.step > 0:  # a phase runs one step at least
+                        training.budget_spent = True
+                        if report is not None and ran and training.step % report.every != 0:
+                            report(training.step, training.losses[-1], extra, lr, last=True)
+                        log.info("%s: time budget of %.1f min spent at step %d of %d", desc, budget.seconds / 60,
+                                 step, total_steps)
+                        break
+                    schedule_step = budget.schedule_step(step, total_steps, training.elapsed)
+                lr = warmup_cosine(schedule_step, total_steps, cfg.get("warmup_steps", 0), cfg["lr"], cfg.get("min_lr", 0.0))
                 set_lr(optimizer, lr)
                 with autocast(device, cfg.get("amp", "auto")):
                     loss, extra = loss_fn(batch)
@@ -319,6 +379,7 @@ def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps:
                     training.ema.update(training.module)
                 training.losses.append(float(loss.detach()))
                 training.step = step + 1
+                ran = True
                 if report is not None:
                     report(training.step, training.losses[-1], extra, lr)
                 bar.update(1)

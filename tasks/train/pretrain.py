@@ -152,6 +152,7 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
     checkpoints.resume(training, resume, "pretrain", total_steps)
     train_model = loop.training_module(model, dist, device, cfg.get("compile"))
     loader = train_loader(cfg, shards, index)
+    budget = loop.TimeBudget(cfg.get("time_budget_min"))
 
     run = open_run(cfg, shards, index, inputs_hash, dist, device)
     steplog = StepLog(Path(reports) / "pretrain.tsv", ["loss", "restore", "seg", "lr", "img_per_s"], run,
@@ -164,8 +165,8 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
         for end in chunk_ends(training.step, total_steps, curve.every if curve else 0):
             loop.fit(training, batch_loss(train_model, cfg, device), loader.batches(training.step, end), cfg,
                      total_steps, device, steplog=steplog, desc="pretrain", progress=progress, checkpoints=checkpoints,
-                     dist=dist, keep_bar=True)
-            if training.stopped:
+                     dist=dist, keep_bar=True, budget=budget)
+            if training.stopped or training.budget_spent:
                 break
             if curve is not None and end < total_steps:
                 curve.measure(model, training.ema, shards, index, device, training.step)
@@ -173,17 +174,20 @@ def pretrain(cfg: dict, shards: str = paths.SHARDS, out: str = paths.BACKBONE,
         if training.stopped:
             result = stopped(training, run)
         else:
-            result = {"steps": total_steps, "final_loss": float(np.mean(training.losses[-20:])),
+            # on a machine too slow for `steps` within time_budget_min, fewer steps ran
+            steps = training.step
+            result = {"steps": steps, "steps_planned": total_steps, "ended_by": "time_budget" if training.budget_spent else "steps",
+                      "train_seconds": round(training.elapsed, 1), "final_loss": float(np.mean(training.losses[-20:])),
                       "losses": training.losses, "replica_fingerprints": check_replicas(model, dist)}
             if dist.main:
                 backbone, val, examples = validate_ema(model, training.ema, shards, index, device)
                 result.update(val)
                 metadata = {"classes": index["classes"], "inputs_hash": inputs_hash, "shards_hash": index["params_hash"],
-                            "steps": total_steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
+                            "steps": steps, **{k: round(v, 4) for k, v in val.items() if isinstance(v, float)}}
                 if curve is not None:  # the same samples as every other point of the curve
-                    curve.measure(model, training.ema, shards, index, device, total_steps)
+                    curve.measure(model, training.ema, shards, index, device, steps)
                 save_outputs(backbone, metadata, result, examples, Path(out), Path(reports), steplog, run,
-                             f"Phase I ({cfg['model']['size']}, {total_steps} steps)", curve)
+                             f"Phase I ({cfg['model']['size']}, {steps} steps)", curve)
                 checkpoints.path.unlink(missing_ok=True)
     loop.close_distributed()
     return result

@@ -321,10 +321,19 @@ class StepReport:
         self.images = cfg["batch"] * world * self.every
         self.last = time.perf_counter()
 
-    def __call__(self, done: int, loss: float, extra: Mapping, lr: float, last: bool = False) -> None:
-        """`last`: the run ends at `done` before `total_steps` (a time budget): logged whatever the step."""
-        if done % self.every != 0 and done != self.total_steps and not last:
-            return
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.total_steps
+
+    def __call__(self, done: int, loss: float, extra: Mapping, lr: float) -> None:
+        if self.due(done):
+            self.write(done, loss, extra, lr)
+
+    def final(self, done: int, loss: float, extra: Mapping, lr: float) -> None:
+        """The run ends at `done` before `total_steps` (a time budget): its last step is logged too."""
+        if not self.due(done):
+            self.write(done, loss, extra, lr)
+
+    def write(self, done: int, loss: float, extra: Mapping, lr: float) -> None:
         now = time.perf_counter()
         metrics = {"loss": loss, **{k: float(v) for k, v in extra.items()}, "lr": lr,
                    "img_per_s": self.images / max(now - self.last, 1e-9)}
@@ -351,7 +360,7 @@ def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps:
     optimizer = training.optimizer
     try:
         with StopSignal() if checkpoints is not None else contextlib.nullcontext() as stop:
-            ran = False  # a step of this call ran (its loss, extras and LR are the last ones)
+            first_step = training.step
             if budget is not None:
                 budget.start(training)
             for step, batch in batches:
@@ -360,8 +369,8 @@ def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps:
                     training.elapsed = budget.elapsed(dist, device)
                     if budget.spent(training.elapsed) and training.step > 0:  # a phase runs one step at least
                         training.budget_spent = True
-                        if report is not None and ran and training.step % report.every != 0:
-                            report(training.step, training.losses[-1], extra, lr, last=True)
+                        if report is not None and training.step > first_step:  # a step of this call ran
+                            report.final(training.step, training.losses[-1], extra, lr)
                         log.info("%s: time budget of %.1f min spent at step %d of %d", desc, budget.seconds / 60,
                                  step, total_steps)
                         break
@@ -379,7 +388,6 @@ def fit(training: Training, loss_fn: LossFn, batches, cfg: Mapping, total_steps:
                     training.ema.update(training.module)
                 training.losses.append(float(loss.detach()))
                 training.step = step + 1
-                ran = True
                 if report is not None:
                     report(training.step, training.losses[-1], extra, lr)
                 bar.update(1)

@@ -114,10 +114,35 @@ def random_ccm(rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
     XYZ -> camera matrices, times sRGB -> XYZ, each row normalised to sum 1 (so grey stays grey)."""
     weights = rng.uniform(1e-8, 1e8, len(XYZ2CAMS))
     weights = weights / weights.sum()
-    xyz2cam = np.tensordot(weights, XYZ2CAMS, axes=1)
-    rgb2cam = xyz2cam @ RGB2XYZ
+    xyz2cam = (weights[:, None, None] * XYZ2CAMS).sum(axis=0)
+    rgb2cam = matmul3(xyz2cam, RGB2XYZ)
     rgb2cam = rgb2cam / rgb2cam.sum(axis=1, keepdims=True)
     return rgb2cam, [float(w) for w in weights]
+
+
+# The 3x3 products and inverse below avoid BLAS and LAPACK on purpose: their kernels differ per CPU
+# (OpenBLAS picks one at load time) and round the last bit differently, and these matrices are written
+# into every sample's JSON and shape its pixels, so the shards would differ from machine to machine.
+# An elementwise product summed over one axis adds the same terms in the same order everywhere.
+
+
+def matmul3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for 3x3 float64 matrices, the same bits on every CPU."""
+    return (a[:, :, None] * b[None, :, :]).sum(axis=1)
+
+
+def inverse3(m: np.ndarray) -> np.ndarray:
+    """The inverse of a 3x3 float64 matrix from its adjugate, the same bits on every CPU."""
+    m = np.asarray(m, dtype=np.float64)
+    adjugate = np.array([
+        [m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1], m[0, 2] * m[2, 1] - m[0, 1] * m[2, 2], m[0, 1] * m[1, 2] - m[0, 2] * m[1, 1]],
+        [m[1, 2] * m[2, 0] - m[1, 0] * m[2, 2], m[0, 0] * m[2, 2] - m[0, 2] * m[2, 0], m[0, 2] * m[1, 0] - m[0, 0] * m[1, 2]],
+        [m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0], m[0, 1] * m[2, 0] - m[0, 0] * m[2, 1], m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]],
+    ])
+    determinant = m[0, 0] * adjugate[0, 0] + m[0, 1] * adjugate[1, 0] + m[0, 2] * adjugate[2, 0]
+    if determinant == 0.0:
+        raise ValueError("singular colour matrix")
+    return adjugate / determinant
 
 
 def random_gains(rng: np.random.Generator) -> tuple[float, float, float]:
@@ -160,14 +185,20 @@ def smoothstep(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def inverse_smoothstep(y: np.ndarray) -> np.ndarray:
-    """0.5 - sin(asin(1 - 2y) / 3), the inverse of smoothstep on [0, 1], as a new array."""
-    t = np.multiply(y, np.float32(-2.0), dtype=np.float32)
-    np.add(t, np.float32(1.0), out=t)
+    """0.5 - sin(asin(1 - 2y) / 3), the inverse of smoothstep on [0, 1], as a new float32 array.
+
+    The arcsine in float64: numpy's float32 arcsin takes another code path on AVX-512 CPUs than on
+    AVX2 ones and differs in the last bits, enough to move a pixel across an 8-bit rounding edge;
+    the float64 ones differ by an ulp that the cast back to float32 absorbs. (float32 sin gives the
+    same bits on both, and float64 sin is 20x slower.)"""
+    t = np.multiply(y, -2.0, dtype=np.float64)
+    np.add(t, 1.0, out=t)
     np.clip(t, -1.0, 1.0, out=t)  # y clipped to [0, 1]
     np.arcsin(t, out=t)
-    np.multiply(t, np.float32(1.0 / 3.0), out=t)
-    np.sin(t, out=t)
-    return np.subtract(np.float32(0.5), t, out=t)
+    np.multiply(t, 1.0 / 3.0, out=t)
+    angle = t.astype(np.float32)
+    np.sin(angle, out=angle)
+    return np.subtract(np.float32(0.5), angle, out=angle)
 
 
 def gamma_expansion(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -299,7 +330,7 @@ def round_trip(img: np.ndarray, rgb2cam: np.ndarray, gains: list[float]) -> np.n
     from colours outside the camera's gamut (what the tests check)."""
     raw = unprocess(img, rgb2cam, gains)
     raw = clip01(scale_channels(raw, gains, out=raw))
-    return process(raw, np.linalg.inv(rgb2cam))
+    return process(raw, inverse3(rgb2cam))
 
 
 def resolve_jpeg_quality(rng: np.random.Generator, jpeg_quality) -> int | None:
@@ -346,7 +377,7 @@ def apply(img: np.ndarray, rng: np.random.Generator, severity: float, jpeg_quali
     bayer = mosaic(raw)
     noisy = add_read_shot_noise(bayer, unit_noise, shot, read)
     noisy = clip01(apply_bayer_gains(noisy, gains))
-    out = process(demosaic(noisy, out=raw), np.linalg.inv(rgb2cam))
+    out = process(demosaic(noisy, out=raw), inverse3(rgb2cam))
     if out.shape[:2] != (height, width):
         out = np.ascontiguousarray(out[:height, :width])
     if quality is not None:

@@ -1,7 +1,8 @@
 """Google Landmarks v2 as published, distributed synthesis and a manifest that scales:
 
-- the default shard set (built-in samples, default params) is byte-identical to the one made
-  before units existed (tests/fixtures/default_shards.sha256, recorded before the change);
+- the default shard set (built-in samples, default params) has the recorded bytes
+  (tests/fixtures/default_shards.sha256), on any CPU: a second run with numpy's SIMD dispatch,
+  OpenBLAS's kernel and OpenCV's AVX-512 paths switched makes the same bytes;
 - a miniature GLDv2 in the published layout (gldv2_fixture.py: three tars, the CSVs, md5 files
   with one wrong md5, one corrupt JPEG, one id missing from train_clean.csv, one landmark with
   four images over two tars), read locally and from the moto S3 server: filtering, md5 while
@@ -18,7 +19,10 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,14 +77,39 @@ def local_run(tmp_path_factory, mini, gld_cfg):
 # the default is unchanged
 
 
-def test_default_samples_shards_are_byte_identical_to_before(tmp_path, project_params):
-    """The built-in samples with the default params: the same files, byte for byte, as before
-    synthesis was cut into units (the list was recorded from the code before the change)."""
+def shard_hashes(folder: Path) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files_of(folder).items()}
+
+
+def test_default_samples_shards_are_byte_identical_to_the_record(tmp_path, project_params):
+    """The built-in samples with the default params: the same files, byte for byte, as recorded.
+    (When synthesis was cut into units, the code before and after the change made the same bytes;
+    the record was remade when the float steps whose last bits depend on the CPU were replaced.)"""
     expected = dict(line.split()[::-1] for line in BASELINE.read_text().splitlines())
     index = synthesize(project_params["synthesize"], out=str(tmp_path / "shards"), progress=False)
-    written = {name: hashlib.sha256(data).hexdigest() for name, data in files_of(tmp_path / "shards").items()}
-    assert written == expected
+    assert shard_hashes(tmp_path / "shards") == expected
     assert "units" not in index and "licenses" not in index
+
+
+# What differs between the x86-64 CPUs these machines have (AVX2 with or without AVX-512),
+# switched in a child process: numpy's AVX-512 code paths, the OpenBLAS kernel (picked per CPU at
+# load time) and OpenCV's AVX-512 paths. Each once changed a few pixels or a colour matrix's last
+# digit in the sidecar JSON, so the shards' hashes (and DVC's cache) differed from machine to machine.
+OTHER_CPU = {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+             "OPENBLAS_CORETYPE": "Sandybridge",
+             "OPENCV_CPU_DISABLE": "AVX512-SKX,AVX512-CLX,AVX_VNNI"}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the switched features are x86-64 ones")
+def test_default_samples_shards_have_the_same_bytes_on_another_cpu(tmp_path):
+    expected = dict(line.split()[::-1] for line in BASELINE.read_text().splitlines())
+    script = ("import sys, yaml; from tasks.data.synthesize import synthesize; "
+              "synthesize(yaml.safe_load(open('params.yaml'))['synthesize'], out=sys.argv[1], progress=False)")
+    env = {**os.environ, **OTHER_CPU, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "shards")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shard_hashes(tmp_path / "shards") == expected
 
 
 # ------------------------------------------------------------------------------------------------

@@ -160,8 +160,15 @@ def to_float_rgb(raw: np.ndarray) -> np.ndarray:
 
 
 def to_grey_rgb(img: np.ndarray) -> np.ndarray:
-    """A grey copy of a float32 HxWx3 RGB image: three equal channels of its BT.601 luma."""
-    return np.repeat(img @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(img.shape)
+    """A grey copy of a float32 HxWx3 RGB image: three equal channels of its BT.601 luma.
+
+    Weighted sum by elementwise ufuncs, not `img @ weights`: BLAS kernels (picked per CPU) round
+    differently, and a grey training crop must have the same bytes on every machine."""
+    img = np.asarray(img, dtype=np.float32)
+    luma = img[..., 0] * np.float32(0.299)
+    luma += img[..., 1] * np.float32(0.587)
+    luma += img[..., 2] * np.float32(0.114)
+    return np.repeat(luma, 3).reshape(img.shape)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

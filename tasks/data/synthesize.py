@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from degradations._common import SRGB_GAMMA, clip01, power
 from tasks.core import imageio, paths, storage
-
 from tasks.core.errors import AbairError
 from tasks.core.params import params_hash
 from tasks.data.catalogs import open_catalog
@@ -94,7 +94,10 @@ def vary_clean(clean: np.ndarray, rng: np.random.Generator, variation: dict) -> 
 
     lo, hi = variation.get("exposure", (1.0, 1.0))
     gain = rng.uniform(lo, hi)
-    out = np.clip((clean ** 2.2) * gain, 0.0, 1.0) ** (1 / 2.2)
+    # degradations' power (OpenCV's exp and log), not numpy's float32 power, whose AVX-512 code path
+    # rounds differently: the shards must have the same bytes on every machine
+    linear = power(np.asarray(clean, dtype=np.float32), SRGB_GAMMA)
+    out = power(clip01(np.multiply(linear, np.float32(gain), out=linear)), 1 / SRGB_GAMMA)
     lo, hi = variation.get("soften", (0.0, 0.0))
     sigma = rng.uniform(lo, hi)
     if sigma > 0.05:

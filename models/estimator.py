@@ -77,6 +77,7 @@ class EstimatorConfig:
     window: int | None = None
     keep_window: int | None = None
     windows: int = 9
+    tone_lock: bool = False   # the Restorer keeps the input's low frequencies by the tone-free share (models/tone.py)
 
 
 class StatPool(nn.Module):
@@ -195,7 +196,7 @@ class Estimator(nn.Module):
     def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
                  view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
                  dense: bool = False, window: int | None = None, keep_window: int | None = None,
-                 windows: int = 9, class_names: Sequence[str] | None = None):
+                 windows: int = 9, tone_lock: bool = False, class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
             raise ValueError("the estimator needs at least one output")
@@ -209,7 +210,7 @@ class Estimator(nn.Module):
         if windows < 1:
             raise ValueError(f"windows must be >= 1, got {windows}")
         self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense,
-                                      window, keep_window, windows)
+                                      window, keep_window, windows, bool(tone_lock))
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None

@@ -7,7 +7,10 @@ Modes: "none" (backbone alone), "oracle" (the caller's weights), "sw" (estimator
 "oh" (estimator one-hot). Weights follow the modes contract (../shared/DESIGN.md): K adapter
 weights (summing to at most one; the rest is the backbone alone) and one `keep` in [0, 1] that
 blends the network's output back towards the input, `out = keep * input + (1 - keep) * network`,
-so the system can leave an image as it came (do no harm). In the estimator's modes keep comes from
+so the system can leave an image as it came (do no harm). Before the keep blend, the tone lock
+(models/tone.py) moves the network output's low frequencies back to the input's by the share of the
+weights that names no tone-changing degradation (all modes but "none"; on for systems whose
+estimator was trained with `tone_lock`). In the estimator's modes keep comes from
 the estimator once the network has run (it looks at the input and the output); callers passing
 weights give keep themselves (K columns: keep 0). With a mergeable adapter kind (LoRA) and the same weights for every
 image of the batch (always so for a single image), the blend is merged into the backbone for the
@@ -43,7 +46,8 @@ from models.adapters import AdapterBank
 from models.backbone import SIZE_MULTIPLE, Backbone
 from models.estimator import Estimator
 from models.identity import restoration_state_dict
-from models.tiling import DEFAULT_OVERLAP, run_tile, tiled_apply
+from models.tiling import DEFAULT_OVERLAP, bilinear_rows, run_tile, tiled_apply
+from models.tone import lock_tone, tone_free_share
 
 MODES = ("sw", "oh", "oracle", "none", "pw")
 TILINGS = ("exact", "local")
@@ -53,12 +57,16 @@ SEG_MAP_FACTOR = 8   # the seg source's map is area-averaged over 8x8 pixels: sm
 
 class Restorer(nn.Module):
     def __init__(self, backbone: Backbone, bank: AdapterBank | None = None, estimator: Estimator | None = None,
-                 names: Sequence[str] | None = None, pw_source: str | None = None):
+                 names: Sequence[str] | None = None, pw_source: str | None = None, tone_lock: bool | None = None):
         """`names`: the adapter each weight column stands for (the estimator's output order);
         defaults to the estimator's class names, else the bank's order. `pw_source`: where mode
         "pw" takes its map by default ("dense" or "seg"; None: dense when the estimator has a dense
-        head, else seg when the backbone kept its segmentation head)."""
+        head, else seg when the backbone kept its segmentation head). `tone_lock`: keep the
+        input's low frequencies by the weights' tone-free share (models/tone.py); None: as the
+        estimator was trained to be served (its config's tone_lock; off without an estimator), so a
+        saved system restores the same whatever code serves it."""
         super().__init__()
+        self.tone_lock = bool(estimator is not None and estimator.config.tone_lock) if tone_lock is None else tone_lock
         if pw_source is not None and pw_source not in PW_SOURCES:
             raise ValueError(f"pw_source must be one of {PW_SOURCES}, got {pw_source!r}")
         self.pw_source = pw_source
@@ -306,6 +314,9 @@ class Restorer(nn.Module):
                     # (image level: in "pw" the same keep at every pixel)
                     used = used.clone()
                     used[:, -1] = self.estimator.keep(images, out)[:, 0].view(-1, *([1] * (used.dim() - 2)))
+                if used is not None and self.tone_lock:
+                    # after keep, which judges the unlocked output it trained on
+                    lock_tone(out, images, tone_free_share(used, self.names))
                 if used is not None and bool((used[:, -1] > 0).any()):
                     out = out.lerp_(images, keep_for(used, (h, w)).to(out.dtype))   # in place: no second output copy
         finally:
@@ -401,20 +412,6 @@ def keep_for(used: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if bool((flat == flat[:, :1]).all()):
         return flat[:, :1].view(-1, 1, 1, 1)
     return F.interpolate(keep, size=size, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-
-
-def bilinear_rows(out_size: int, in_size: int, rows: torch.Tensor) -> torch.Tensor:
-    """len(rows) x in_size: the rows of the bilinear resize matrix (align_corners=False, as
-    F.interpolate) from in_size to out_size samples, for output positions `rows`."""
-    source = ((rows.double() + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
-    low = source.floor().long().clamp_max(in_size - 1)
-    high = (low + 1).clamp_max(in_size - 1)
-    frac = (source - low.double()).float()
-    matrix = torch.zeros(len(rows), in_size)
-    index = torch.arange(len(rows))
-    matrix.index_put_((index, low), 1.0 - frac, accumulate=True)
-    matrix.index_put_((index, high), frac, accumulate=True)
-    return matrix
 
 
 def map_window(weight_map: torch.Tensor, size: tuple[int, int], rows: slice, cols: slice,

@@ -218,3 +218,17 @@ def _ramp_sum(ramps: list[tuple[int, int, torch.Tensor]], size: int, device) -> 
     for start, length, ramp in ramps:
         total[start:start + length] += ramp
     return total
+
+
+def bilinear_rows(out_size: int, in_size: int, rows: torch.Tensor) -> torch.Tensor:
+    """len(rows) x in_size: the rows of the bilinear resize matrix (align_corners=False, as
+    F.interpolate) from in_size to out_size samples, for output positions `rows`."""
+    source = ((rows.double() + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+    low = source.floor().long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = (source - low.double()).float()
+    matrix = torch.zeros(len(rows), in_size)
+    index = torch.arange(len(rows))
+    matrix.index_put_((index, low), 1.0 - frac, accumulate=True)
+    matrix.index_put_((index, high), frac, accumulate=True)
+    return matrix

@@ -7,6 +7,8 @@ tiling; what a backend cannot run is refused in one line; bf16 on CPU stays near
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 import subprocess
@@ -61,8 +63,9 @@ def make_system(folder: Path, kind: str, dense: bool, keep: bool, seed: int = 0)
     # the system with keep looks at photos in windows (estimator.windowed), so that the graphs
     # trace the windowed features; the other looks at them whole (the default, and older estimators)
     windows = {"window": 24, "keep_window": 20, "windows": 4} if keep else {}
+    # ... and is served with the tone lock (models/tone.py: numpy's arrays.lock_tone in the runtime)
     estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=keep, dense=dense,
-                          class_names=list(NAMES), **windows)
+                          tone_lock=keep, class_names=list(NAMES), **windows)
     with torch.no_grad():
         for head in [estimator.keep_head, estimator.dense_head]:
             for param in (head.parameters() if head is not None else []):
@@ -101,6 +104,17 @@ def lora(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def adaptir(tmp_path_factory) -> dict:
     return exported(tmp_path_factory, "adaptir", "adaptir", dense=False, keep=False)
+
+
+@contextlib.contextmanager
+def graph_semantics(restorer):
+    """The restorer as the graphs compute it: the network and the caller's keep blend, without the
+    tone lock, which the runtime applies after them (arrays.lock_tone; checked end to end below)."""
+    saved, restorer.tone_lock = restorer.tone_lock, False
+    try:
+        yield restorer
+    finally:
+        restorer.tone_lock = saved
 
 
 def session(path: Path):
@@ -184,7 +198,8 @@ def test_restorer_graph_with_a_constant_map_is_torch_sw(system, bound, request):
     for h, w in ((40, 56), (33, 75)):
         images = photo(h, w)
         weights = torch.tensor([[0.6, 0.3, 0.25]])
-        expected, _ = restorer.restore(images, mode="sw", weights=weights)
+        with graph_semantics(restorer):
+            expected, _ = restorer.restore(images, mode="sw", weights=weights)
         got, network = graph.run(None, {"image": images.numpy(), "weight_map": weights[:, :, None, None].numpy()})
         assert np.abs(got - expected.numpy()).max() <= bound
         # keep blends the clamped network output back towards the input
@@ -205,7 +220,8 @@ def test_restorer_graph_with_a_low_resolution_map_is_torch_pw(lora):
         raw = torch.rand(2, 3, *map_size, generator=generator)
         weight_map = torch.cat([raw[:, :2] / (raw[:, :2].sum(1, keepdim=True) + 0.2), raw[:, 2:] * 0.5], dim=1)
         images = torch.cat([photo(h, w, 1), photo(h, w, 2)])
-        expected, _ = restorer.restore(images, mode="pw", weights=weight_map)
+        with graph_semantics(restorer):
+            expected, _ = restorer.restore(images, mode="pw", weights=weight_map)
         got = graph.run(["restored"], {"image": images.numpy(), "weight_map": weight_map.numpy()})[0]
         assert np.abs(got - expected.numpy()).max() <= 1e-4
 
@@ -249,7 +265,9 @@ def assert_same_8bit(torch_out: Path, ort_out: Path) -> None:
         a, b = read(torch_out / name).astype(int), read(ort_out / name).astype(int)
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1, name
-        assert (a == b).mean() >= 0.999, (name, (a == b).mean())
+        # float rounding moves a value across an 8-bit edge now and then: one in a thousand, and
+        # one on an image too small to hold a thousand values (8 x 19 x 3)
+        assert (a != b).sum() <= max(1, 0.001 * a.size), (name, (a == b).mean())
 
 
 @pytest.mark.slow

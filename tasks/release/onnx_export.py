@@ -10,7 +10,9 @@ The graphs (torch.onnx.export with dynamo=True, opset OPSET; batch, height and w
                         wins) and, with a dense head, weight_map B x (K+1) x h x w (mode pw).
     keep.onnx           (image, network_output) -> keep B x 1 (with a keep head only): the keep
                         head looks at the input and at what the network made of it, so it runs
-                        after the restorer graph: out = keep * image + (1 - keep) * restored.
+                        after the restorer graph: out = keep * image + (1 - keep) * restored, with
+                        the tone lock (models/tone.py) applied to `restored` before the blend (in
+                        numpy: tasks/serve/backends/arrays.lock_tone; not in the graphs).
     restorer.onnx       (image, weight_map B x (K+1) x h x w at any h x w) -> restored (clamped to
                         [0, 1], with the map's keep column blended in) and network (the network's
                         raw output, before clamping and keep: local tiling blends tiles of it).
@@ -254,8 +256,14 @@ def export_onnx(restorer: Restorer, out_dir: Path, merge: Sequence[str] = (),
     restorer = restorer.to("cpu").eval()
     common = system_metadata(restorer)
     graphs = []
-    for spec in graph_specs(restorer, merge):
-        graphs.append(export_graph(spec, out_dir, sizes, {**common, **spec.metadata}, log))
+    # the graphs hold the network and the caller's keep blend; the tone lock runs after them in the
+    # runtime (tasks/serve/backends/arrays.lock_tone), as the estimator's keep does: checked without it
+    tone_lock, restorer.tone_lock = restorer.tone_lock, False
+    try:
+        for spec in graph_specs(restorer, merge):
+            graphs.append(export_graph(spec, out_dir, sizes, {**common, **spec.metadata}, log))
+    finally:
+        restorer.tone_lock = tone_lock
     return {"exporter": EXPORTER, "opset": OPSET, "torch": torch.__version__,
             "onnx": modules["onnx"].__version__, "onnxruntime": modules["onnxruntime"].__version__,
             "onnxscript": modules["onnxscript"].__version__,
@@ -294,6 +302,7 @@ def system_metadata(restorer: Restorer) -> dict[str, str]:
             "weight_columns": json.dumps(list(restorer.weight_names)), "kind": restorer.bank.kind.name,
             "map_size": json.dumps(_map_size(restorer)),
             "keep_head": json.dumps(estimator is not None and estimator.keep_head is not None),
+            "tone_lock": json.dumps(bool(restorer.tone_lock)),
             "backbone_dim": str(restorer.backbone.config.dim),
             "opset": str(OPSET), "exporter": f"{EXPORTER}, torch {torch.__version__}"}
 

@@ -340,7 +340,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                               dense=bool(cfg.get("dense", False)),
                               window=index["crop_size"] if windowed else None,
                               keep_window=(cfg.get("keep_crop") or index["crop_size"]) if windowed else None,
-                              windows=int(cfg.get("windows", 9)), class_names=names).to(device)
+                              windows=int(cfg.get("windows", 9)), tone_lock=bool(cfg.get("tone_lock", False)),
+                              class_names=names).to(device)
     do_no_harm, dense = estimator.base is not None, estimator.has_dense
     dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),

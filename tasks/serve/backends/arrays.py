@@ -1,7 +1,7 @@
 """What the torch Restorer does around the network, in numpy, for a runtime without torch: the
 weight map's window (models.restorer.map_window), local tiling's layout and blend
-(models.tiling.tiled_apply), the padding of small images (models.backbone.pad_to_multiple) and the
-keep blend (torch.lerp). The same arithmetic in float32; tests/test_onnx.py checks each against
+(models.tiling.tiled_apply), the padding of small images (models.backbone.pad_to_multiple), the
+tone lock (models/tone.py) and the keep blend (torch.lerp). The same arithmetic in float32; tests/test_onnx.py checks each against
 its torch original.
 """
 
@@ -14,6 +14,8 @@ import numpy as np
 
 SIZE_MULTIPLE = 8   # models.backbone.SIZE_MULTIPLE
 DEFAULT_OVERLAP = 32   # models.tiling.DEFAULT_OVERLAP
+TONE_CELL, TONE_BAND_ROWS = 32, 256   # models.tone.CELL, BAND_ROWS
+TONE_FREE_KINDS = frozenset({"noise", "camera_noise", "blur", "jpeg", "bitdepth"})   # models.tone
 
 
 def bilinear_rows(out_size: int, in_size: int, rows: np.ndarray) -> np.ndarray:
@@ -63,6 +65,51 @@ def lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     if weight < 0.5:
         return start + weight * (end - start)
     return end - (end - start) * (np.float32(1.0) - weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tone lock (models/tone.py)
+
+
+def tone_free_share(used: np.ndarray, names: list[str]) -> np.ndarray:
+    """B x (K+1) [x h x w] weights -> B x 1 [x h x w]: 1 - the tone-changing adapters' weights."""
+    columns = [i for i, name in enumerate(names) if name not in TONE_FREE_KINDS]
+    if not columns:
+        return np.ones_like(used[:, :1])
+    return np.clip(np.float32(1.0) - used[:, columns].sum(axis=1, keepdims=True, dtype=np.float32), 0.0, 1.0)
+
+
+def cell_means(x: np.ndarray, cell: int = TONE_CELL) -> np.ndarray:
+    """B x C x H x W -> means over cell x cell squares, partial at the bottom/right edges
+    (F.avg_pool2d with ceil_mode and count_include_pad=False)."""
+    b, c, height, width = x.shape
+    rows, cols = -(-height // cell), -(-width // cell)
+    padded = np.zeros((b, c, rows * cell, cols * cell), np.float32)
+    padded[..., :height, :width] = x
+    sums = padded.reshape(b, c, rows, cell, cols, cell).sum(axis=(3, 5), dtype=np.float32)
+    counts = np.minimum(cell, height - cell * np.arange(rows))[:, None] * np.minimum(cell, width - cell * np.arange(cols))[None, :]
+    return sums / counts.astype(np.float32)
+
+
+def lock_tone(network: np.ndarray, image: np.ndarray, share: np.ndarray, cell: int = TONE_CELL,
+              band_rows: int = TONE_BAND_ROWS) -> np.ndarray:
+    """network + share * upsample(cells(image) - cells(network)), clipped (models.tone.lock_tone)."""
+    if not (share > 0).any():
+        return network
+    network = network.copy()
+    height, width = network.shape[-2:]
+    difference = cell_means(image, cell) - cell_means(network, cell)
+    col_matrix = bilinear_rows(width, difference.shape[-1], np.arange(width))
+    share_cols = bilinear_rows(width, share.shape[-1], np.arange(width)) if share.ndim == 4 else None
+    if share_cols is None:
+        difference = difference * share.reshape(-1, 1, 1, 1).astype(np.float32)
+    for start in range(0, height, band_rows):
+        rows = np.arange(start, min(start + band_rows, height))
+        correction = bilinear_rows(height, difference.shape[-2], rows) @ difference @ col_matrix.T
+        if share_cols is not None:
+            correction *= bilinear_rows(height, share.shape[-2], rows) @ share.astype(np.float32) @ share_cols.T
+        network[..., start:start + len(rows), :] += correction
+    return np.clip(network, 0.0, 1.0, out=network)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ It runs what models.restorer.Restorer.restore runs, graph by graph:
                      (pw, or any mode without those graphs) runs restorer.onnx, each tile fed its
                      window of the map at the tile's size (arrays.py)
     keep.onnx        keep, from the image and the clamped network output; the output is then
-                     keep * image + (1 - keep) * network, as in torch
+                     keep * image + (1 - keep) * network, as in torch, after the tone lock
+                     (models/tone.py, in numpy: arrays.lock_tone)
 
 Exact tiling runs inside the blocks in Python, so it is refused here; --tiling auto is whole when
 the image fits the tile budget (--max-pixels), else local. Images the backbone pads by repeating
@@ -119,6 +120,8 @@ class OnnxRuntimeBackend(Backend):
             raise AbairError(folder / RESTORER_GRAPH, "has no abair metadata (adapters, backbone_dim): not a graph "
                                                       "of `abair export --onnx`") from None
         self.k = len(self.names)
+        # graphs exported before the tone lock existed carry no such key: their systems had none
+        self.tone_lock = bool(json.loads(meta.get("tone_lock", "false")))
         self.estimator = new_session(folder / ESTIMATOR_GRAPH, device) if (folder / ESTIMATOR_GRAPH).is_file() else None
         self.keep = new_session(folder / KEEP_GRAPH, device) if (folder / KEEP_GRAPH).is_file() else None
         self.mix = new_session(folder / MIX_GRAPH, device) if (folder / MIX_GRAPH).is_file() else None
@@ -181,6 +184,9 @@ class OnnxRuntimeBackend(Backend):
             # the keep head looks at the input and at what the network made of it (image level)
             keep = float(self.keep.run(None, {"image": image, "network_output": out})[0][0, 0])
             used[:, -1] = keep
+        if used is not None and self.tone_lock:
+            # after keep, which judges the unlocked output (models/tone.py)
+            out = arrays.lock_tone(out, image, arrays.tone_free_share(used, self.names))
         if used is not None and used[0, -1].max() > 0:
             out = arrays.lerp(out, image, float(used[0, -1].flat[0]))
         weights = {} if used is None else dict(zip([*self.names, "keep"],

@@ -1,0 +1,117 @@
+"""The tone lock (models/tone.py): which weights it follows, what it moves, its numpy twin in the
+onnxruntime backend, and where it sits in the Restorer (after keep's judgement, before its blend;
+only for systems trained with it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import tone
+from models.adapters import AdapterBank
+from models.backbone import BackboneConfig, build_backbone
+from models.estimator import Estimator, load_estimator, save_estimator
+from models.restorer import Restorer
+from tasks.serve.backends import arrays
+
+NAMES = ["rain", "haze", "noise", "blur", "lowlight"]
+
+
+def test_the_share_counts_only_tone_free_kinds_and_the_backbone_alone():
+    used = torch.tensor([[0.1, 0.2, 0.3, 0.1, 0.1, 0.7],     # rain, haze, noise, blur, lowlight, keep
+                         [0.0, 0.0, 0.6, 0.4, 0.0, 0.0],     # all tone-free
+                         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # all on the backbone alone
+                         [0.5, 0.3, 0.0, 0.0, 0.4, 0.0]])    # over-full tone share: clamped at 0
+    share = tone.tone_free_share(used, NAMES)
+    torch.testing.assert_close(share, torch.tensor([[0.6], [1.0], [1.0], [0.0]]))
+    assert tone.tone_columns(NAMES) == [0, 1, 4]
+    # a kind the lock does not know (added by a user) is taken to change tone; keep never counts
+    assert tone.tone_columns(["noise", "dehaze_v2", "jpeg"]) == [1]
+    # a map: per pixel
+    weight_map = torch.zeros(1, 6, 2, 3)
+    weight_map[0, 4, 0] = 0.75
+    assert tone.tone_free_share(weight_map, NAMES)[0, 0].tolist() == [[0.25] * 3, [1.0] * 3]
+
+
+def test_a_constant_shift_is_taken_back_by_the_share():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(0.2, 0.6, (2, 3, 70, 45)).astype(np.float32))
+    brightened = images + 0.2
+    for share in (1.0, 0.5, 0.0):
+        locked = tone.lock_tone(brightened.clone(), images, torch.full((2, 1), share))
+        torch.testing.assert_close(locked, images + 0.2 * (1 - share), atol=2e-6, rtol=0)
+
+
+def test_detail_stays_and_only_low_frequencies_move():
+    """Zero-mean fine detail the network removed (denoising) stays removed; its brightening goes."""
+    rng = np.random.default_rng(1)
+    smooth = torch.linspace(0.2, 0.7, 128).view(1, 1, 1, 128).expand(1, 3, 128, 128).contiguous()
+    noisy = (smooth + torch.from_numpy(rng.normal(0, 0.05, (1, 3, 128, 128)).astype(np.float32))).clamp(0, 1)
+    network = (smooth * 1.3).clamp(0, 1)    # denoised, and brightened by 30 %
+    locked = tone.lock_tone(network.clone(), noisy, torch.ones(1, 1))
+    assert (locked - smooth).abs().mean() < 0.01 < (network - smooth).abs().mean()
+    # the noise is not put back: what comes back is the noise's cell means, about 0.05 / 32
+    assert (locked - smooth).std() < 0.01
+
+
+def test_bands_give_the_same_result_as_one_pass():
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(rng.random((1, 3, 200, 90), dtype=np.float32))
+    network = torch.from_numpy(rng.random((1, 3, 200, 90), dtype=np.float32))
+    share_map = torch.from_numpy(rng.random((1, 1, 4, 3), dtype=np.float32))
+    for share in (torch.tensor([[0.8]]), share_map):
+        whole = tone.lock_tone(network.clone(), images, share, band_rows=1000)
+        banded = tone.lock_tone(network.clone(), images, share, band_rows=7)
+        torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape, share_shape", [((1, 3, 61, 45), (1, 1)), ((2, 3, 300, 270), (2, 1)),
+                                                ((1, 3, 130, 77), (1, 1, 5, 4))])
+def test_the_numpy_twin_is_the_torch_lock(shape, share_shape):
+    rng = np.random.default_rng(3)
+    network, images = rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)
+    share = rng.random(share_shape, dtype=np.float32)
+    expected = tone.lock_tone(torch.from_numpy(network.copy()), torch.from_numpy(images), torch.from_numpy(share))
+    np.testing.assert_allclose(arrays.lock_tone(network, images, share), expected.numpy(), atol=2e-6, rtol=0)
+    used = rng.random((2, len(NAMES) + 1), dtype=np.float32) / 3
+    np.testing.assert_allclose(arrays.tone_free_share(used, NAMES),
+                               tone.tone_free_share(torch.from_numpy(used), NAMES).numpy(), atol=1e-7)
+    assert arrays.TONE_FREE_KINDS == tone.TONE_FREE_KINDS
+    assert (arrays.TONE_CELL, arrays.TONE_BAND_ROWS) == (tone.CELL, tone.BAND_ROWS)
+
+
+def small_system(tone_lock: bool) -> Restorer:
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1)))
+    backbone.register_forward_hook(lambda module, args, out: out + 0.15)   # it brightens everything it sees
+    bank = AdapterBank(backbone, kind="lora", rank=2)
+    for name in NAMES:
+        bank.add(name)
+    estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=True,
+                          tone_lock=tone_lock, class_names=NAMES)
+    return Restorer(backbone, bank, estimator).eval()
+
+
+def test_the_restorer_locks_after_keep_and_only_when_trained_to():
+    images = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.2
+    locked, unlocked = small_system(True), small_system(False)
+    assert locked.tone_lock and not unlocked.tone_lock
+    weights = torch.tensor([[0.0, 0.0, 0.6, 0.0, 0.3, 0.4]])      # noise 0.6, lowlight 0.3, keep 0.4
+    raw, _ = unlocked.restore(images, mode="oracle", weights=weights[:, :5])     # keep 0
+    served, _ = locked.restore(images, mode="oracle", weights=weights)
+    network = tone.lock_tone(raw.clone(), images, torch.tensor([[0.7]]))
+    torch.testing.assert_close(served, torch.lerp(network, images, 0.4), atol=1e-6, rtol=0)
+    assert (raw.mean() - images.mean()) > 0.05 > abs(float(served.mean() - images.mean()))
+    # the backbone alone (mode none) is the raw network in both
+    torch.testing.assert_close(locked.restore(images, mode="none")[0], unlocked.restore(images, mode="none")[0])
+    # asked for by the caller, whatever the estimator says
+    assert Restorer(locked.backbone, locked.bank, locked.estimator, tone_lock=False).tone_lock is False
+
+
+def test_the_flag_is_saved_with_the_estimator_and_old_files_have_none(tmp_path):
+    estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, tone_lock=True, class_names=NAMES)
+    save_estimator(estimator, tmp_path / "estimator.safetensors")
+    assert load_estimator(tmp_path / "estimator.safetensors").config.tone_lock is True
+    old = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, class_names=NAMES)
+    assert old.config.tone_lock is False

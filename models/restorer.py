@@ -235,6 +235,16 @@ class Restorer(nn.Module):
                            images, side, overlap, with_window=True)
 
     @contextlib.contextmanager
+    def without_tone_lock(self):
+        """The restorer as the ONNX graphs compute it, for the duration: the network and the
+        caller's keep blend, without the tone lock (a runtime applies it after the graphs)."""
+        saved, self.tone_lock = self.tone_lock, False
+        try:
+            yield self
+        finally:
+            self.tone_lock = saved
+
+    @contextlib.contextmanager
     def _adapters(self, weights: torch.Tensor | None, mode: str):
         """Apply the adapter weights for the duration of the block (whole image or all tiles)."""
         if self.bank is None:

@@ -7,8 +7,6 @@ tiling; what a backend cannot run is refused in one line; bf16 on CPU stays near
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import shutil
 import subprocess
@@ -106,17 +104,6 @@ def adaptir(tmp_path_factory) -> dict:
     return exported(tmp_path_factory, "adaptir", "adaptir", dense=False, keep=False)
 
 
-@contextlib.contextmanager
-def graph_semantics(restorer):
-    """The restorer as the graphs compute it: the network and the caller's keep blend, without the
-    tone lock, which the runtime applies after them (arrays.lock_tone; checked end to end below)."""
-    saved, restorer.tone_lock = restorer.tone_lock, False
-    try:
-        yield restorer
-    finally:
-        restorer.tone_lock = saved
-
-
 def session(path: Path):
     from tasks.release.onnx_runtime import new_session
 
@@ -198,7 +185,7 @@ def test_restorer_graph_with_a_constant_map_is_torch_sw(system, bound, request):
     for h, w in ((40, 56), (33, 75)):
         images = photo(h, w)
         weights = torch.tensor([[0.6, 0.3, 0.25]])
-        with graph_semantics(restorer):
+        with restorer.without_tone_lock():   # the tone lock runs after the graphs
             expected, _ = restorer.restore(images, mode="sw", weights=weights)
         got, network = graph.run(None, {"image": images.numpy(), "weight_map": weights[:, :, None, None].numpy()})
         assert np.abs(got - expected.numpy()).max() <= bound
@@ -220,7 +207,7 @@ def test_restorer_graph_with_a_low_resolution_map_is_torch_pw(lora):
         raw = torch.rand(2, 3, *map_size, generator=generator)
         weight_map = torch.cat([raw[:, :2] / (raw[:, :2].sum(1, keepdim=True) + 0.2), raw[:, 2:] * 0.5], dim=1)
         images = torch.cat([photo(h, w, 1), photo(h, w, 2)])
-        with graph_semantics(restorer):
+        with restorer.without_tone_lock():   # the tone lock runs after the graphs
             expected, _ = restorer.restore(images, mode="pw", weights=weight_map)
         got = graph.run(["restored"], {"image": images.numpy(), "weight_map": weight_map.numpy()})[0]
         assert np.abs(got - expected.numpy()).max() <= 1e-4

@@ -258,12 +258,9 @@ def export_onnx(restorer: Restorer, out_dir: Path, merge: Sequence[str] = (),
     graphs = []
     # the graphs hold the network and the caller's keep blend; the tone lock runs after them in the
     # runtime (tasks/serve/backends/arrays.lock_tone), as the estimator's keep does: checked without it
-    tone_lock, restorer.tone_lock = restorer.tone_lock, False
-    try:
+    with restorer.without_tone_lock():
         for spec in graph_specs(restorer, merge):
             graphs.append(export_graph(spec, out_dir, sizes, {**common, **spec.metadata}, log))
-    finally:
-        restorer.tone_lock = tone_lock
     return {"exporter": EXPORTER, "opset": OPSET, "torch": torch.__version__,
             "onnx": modules["onnx"].__version__, "onnxruntime": modules["onnxruntime"].__version__,
             "onnxscript": modules["onnxscript"].__version__,

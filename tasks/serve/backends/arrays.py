@@ -82,21 +82,19 @@ def tone_free_share(used: np.ndarray, names: list[str]) -> np.ndarray:
 def cell_means(x: np.ndarray, cell: int = TONE_CELL) -> np.ndarray:
     """B x C x H x W -> means over cell x cell squares, partial at the bottom/right edges
     (F.avg_pool2d with ceil_mode and count_include_pad=False)."""
-    b, c, height, width = x.shape
-    rows, cols = -(-height // cell), -(-width // cell)
-    padded = np.zeros((b, c, rows * cell, cols * cell), np.float32)
-    padded[..., :height, :width] = x
-    sums = padded.reshape(b, c, rows, cell, cols, cell).sum(axis=(3, 5), dtype=np.float32)
-    counts = np.minimum(cell, height - cell * np.arange(rows))[:, None] * np.minimum(cell, width - cell * np.arange(cols))[None, :]
+    height, width = x.shape[-2:]
+    starts_y, starts_x = np.arange(0, height, cell), np.arange(0, width, cell)
+    sums = np.add.reduceat(np.add.reduceat(x, starts_y, axis=-2, dtype=np.float32), starts_x, axis=-1, dtype=np.float32)
+    counts = np.minimum(cell, height - starts_y)[:, None] * np.minimum(cell, width - starts_x)[None, :]
     return sums / counts.astype(np.float32)
 
 
 def lock_tone(network: np.ndarray, image: np.ndarray, share: np.ndarray, cell: int = TONE_CELL,
               band_rows: int = TONE_BAND_ROWS) -> np.ndarray:
-    """network + share * upsample(cells(image) - cells(network)), clipped (models.tone.lock_tone)."""
+    """In place: network += share * upsample(cells(image) - cells(network)), clipped
+    (models.tone.lock_tone). Returns `network`."""
     if not (share > 0).any():
         return network
-    network = network.copy()
     height, width = network.shape[-2:]
     difference = cell_means(image, cell) - cell_means(network, cell)
     col_matrix = bilinear_rows(width, difference.shape[-1], np.arange(width))

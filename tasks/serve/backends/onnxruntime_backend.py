@@ -186,7 +186,7 @@ class OnnxRuntimeBackend(Backend):
             used[:, -1] = keep
         if used is not None and self.tone_lock:
             # after keep, which judges the unlocked output (models/tone.py)
-            out = arrays.lock_tone(out, image, arrays.tone_free_share(used, self.names))
+            arrays.lock_tone(out, image, arrays.tone_free_share(used, self.names))   # in place: out is np.clip's copy
         if used is not None and used[0, -1].max() > 0:
             out = arrays.lerp(out, image, float(used[0, -1].flat[0]))
         weights = {} if used is None else dict(zip([*self.names, "keep"],

@@ -16,6 +16,14 @@ change it makes (a naturally soft photo sharpened into halos, a dim one brighten
 input alone cannot say. Estimators saved before this existed load with neither (keep 0, adapter
 weights summing to one), as they were trained.
 
+Tone head (`tone_head`, with `tone_lock`): a third judgement from the same look at the input and
+the network's output, the share of the input's low frequencies the served output keeps (the tone
+lock, models/tone.py). Without it the share is read off the adapter weights (one minus the weights
+of tone-changing experts), which are expert shares, not the chance that a photo needs its tone
+changed: a dark photo with a little noise weight lost a little of its brightening. The head is
+trained with keep, on what the served blend comes to (tasks/train/estimator.py). Estimators saved
+before it load without it.
+
 Looking at a photo at the scale it learned (`window`, `keep_window`): the estimator trains on
 samples of one size (the shard crops, 96-128 px; the keep head on the keep step's central crops),
 while photos are several times larger, and downscaling a whole photo into the view makes its noise
@@ -78,6 +86,7 @@ class EstimatorConfig:
     keep_window: int | None = None
     windows: int = 9
     tone_lock: bool = False   # the Restorer keeps the input's low frequencies by the tone-free share (models/tone.py)
+    tone_head: bool = False   # that share judged by a head (trained with keep) instead of read off the weights
 
 
 class StatPool(nn.Module):
@@ -196,7 +205,8 @@ class Estimator(nn.Module):
     def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
                  view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
                  dense: bool = False, window: int | None = None, keep_window: int | None = None,
-                 windows: int = 9, tone_lock: bool = False, class_names: Sequence[str] | None = None):
+                 windows: int = 9, tone_lock: bool = False, tone_head: bool = False,
+                 class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
             raise ValueError("the estimator needs at least one output")
@@ -209,8 +219,10 @@ class Estimator(nn.Module):
                 raise ValueError(f"{name} must be a positive number of pixels or None, got {side}")
         if windows < 1:
             raise ValueError(f"windows must be >= 1, got {windows}")
+        if tone_head and not (tone_lock and do_no_harm):
+            raise ValueError("a tone head judges the tone lock's share beside keep: it needs tone_lock and do_no_harm")
         self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense,
-                                      window, keep_window, windows, bool(tone_lock))
+                                      window, keep_window, windows, bool(tone_lock), bool(tone_head))
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
@@ -229,6 +241,16 @@ class Estimator(nn.Module):
             # start by trusting the network (keep ~0.1): keep is learned from where it hurts
             nn.init.zeros_(self.keep_head[-1].weight)
             nn.init.constant_(self.keep_head[-1].bias, KEEP_INIT_LOGIT)
+        # tone head: the share of the input's low frequencies the served output keeps (models/tone.py),
+        # judged like keep from the input and the network's output. Drawn from a forked RNG, so the
+        # rest of the estimator is the same seed for seed with or without it; starts at 0.5.
+        self.tone_head = None
+        if tone_head:
+            with torch.random.fork_rng(devices=[]):
+                self.tone_head = he_init(nn.Sequential(nn.Linear(2 * features, 4 * width), nn.GELU(),
+                                                       nn.Linear(4 * width, 1)))
+                nn.init.zeros_(self.tone_head[-1].weight)
+                nn.init.zeros_(self.tone_head[-1].bias)
         # dense: spatial logits for the K adapters (and base), added to the image-level ones. Drawn
         # from a forked RNG, so the rest of the estimator (and the training after it) gets the
         # same random numbers with or without it: a dense estimator's image-level part is the
@@ -367,16 +389,32 @@ class Estimator(nn.Module):
         adapters = probabilities[:, :self.num_outputs]
         return torch.cat([adapters, adapters.new_zeros(b, 1, h, w)], dim=1).contiguous()
 
+    def judge_features(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """B x 2F: what the keep and tone heads read, the features of the inputs `x` and of the
+        network's outputs `restored` for them (in keep windows when `keep_window` is set)."""
+        window = self.config.keep_window
+        return torch.cat([self.features_at(x, window), self.features_at(restored, window)], dim=1)
+
     def keep_logit(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1: the keep logit for inputs `x` and the network's outputs `restored` for them."""
-        window = self.config.keep_window
-        return self.keep_head(torch.cat([self.features_at(x, window), self.features_at(restored, window)], dim=1))
+        return self.keep_head(self.judge_features(x, restored))
 
     def keep(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1 keep in [0, 1] (0 for an estimator without do-no-harm)."""
         if self.keep_head is None:
             return x.new_zeros(x.shape[0], 1, dtype=torch.float32)
         return torch.sigmoid(self.keep_logit(x, restored).float())
+
+    def judge(self, x: torch.Tensor, restored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep B x 1, tone share B x 1 or None without a tone head), from one look at the inputs
+        and the network's outputs: keep as `keep`, and the share of the input's low frequencies the
+        tone lock keeps (models/tone.py)."""
+        if self.keep_head is None:
+            return x.new_zeros(x.shape[0], 1, dtype=torch.float32), None
+        features = self.judge_features(x, restored)
+        keep = torch.sigmoid(self.keep_head(features).float())
+        share = torch.sigmoid(self.tone_head(features).float()) if self.tone_head is not None else None
+        return keep, share
 
     def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0,
                 restored: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,8 +19,14 @@ of the weights that goes to no tone-changing expert:
 per image (modes sw, oh, oracle) or per pixel (pw's map). The backbone-alone share counts as
 tone-free: the estimator puts an image's weight there when it is clean or barely degraded, and
 then nothing should move. An adapter kind not listed in TONE_FREE_KINDS is taken to change tone
-(its share is never locked). The keep head still judges the unlocked output (what it trained
-on); the keep blend comes after the lock. Mode "none" (the backbone alone) is not locked.
+(its share is never locked). The keep head still judges the unlocked output (as it sees it in
+training, where its loss counts the locked, served result); the keep blend comes after the lock.
+Mode "none" (the backbone alone) is not locked.
+
+With an estimator tone head (`estimator.tone_head`), the share is the head's judgement instead (one
+per image, from the input and the network's output), trained with keep on the served result: the
+weights are shares of experts, not the chance that a photo needs no tone change, and a dark photo
+with some noise weight should still be brightened in full.
 
 CELL = 32 px is larger than what the tone-free experts act on (noise is per pixel; blur kernels
 reach 21 px) and small enough that the lock follows a photo's own lighting. The correction is

@@ -165,13 +165,13 @@ def test_estimator_targets_put_clean_samples_on_base(tiny_shards):
 
 def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
     """A network that ruins its input (random weights), clean samples: the keep step, trained on
-    the cache of features and served-error quadratics, drives keep towards 1 so the served output
+    the cache of features and served-error moments, drives keep towards 1 so the served output
     is the input; the rest of the estimator stays as it was."""
     from models.adapters import AdapterBank
     from models.backbone import build_backbone
     from models.estimator import Estimator
     from tasks.train import loop
-    from tasks.train.estimator import keep_loss, keep_quadratic, keep_report
+    from tasks.train.estimator import KeepCache, KeepHeads, keep_loss, keep_moments, keep_report
 
     torch.manual_seed(0)
     backbone = build_backbone("tiny").eval()
@@ -184,16 +184,17 @@ def test_keep_step_learns_to_return_a_clean_input_the_network_would_spoil():
         restored = backbone(clean).clamp(0, 1)
         features = torch.cat([estimator.features(clean), estimator.features(restored)], dim=1)
     assert float((restored - clean).abs().mean()) > 0.05  # it does spoil it
-    quadratic = keep_quadratic(clean, restored, clean)
-    head = list(estimator.keep_head.parameters())
+    cache = KeepCache(features, keep_moments(clean, restored, clean), torch.zeros(4))
+    heads = KeepHeads.of(estimator)
     cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 60, "batch": 4, "log_every": 10}
     batches = ((step, torch.arange(4)) for step in range(60))
-    loop.fit(loop.Training(head, cfg, torch.device("cpu")), keep_loss(estimator.keep_head, features, quadratic),
+    loop.fit(loop.Training(heads.parameters(), cfg, torch.device("cpu")), keep_loss(heads, cache),
              batches, cfg, 60, torch.device("cpu"), progress=False)
     with torch.no_grad():
         keep = estimator.eval().keep(clean, restored)[:, 0]
     assert float(keep.min()) > 0.9, keep
-    report = keep_report(estimator.keep_head, features, quadratic)
+    report = keep_report(heads, cache)
+    assert report["tone_share_mean"] is None   # no tone lock on this system
     assert report["psnr_served"] > report["psnr_network"] + 10 and report["worse_share"] == 0.0
     after = {k: v for k, v in estimator.state_dict().items() if not k.startswith("keep_head")}
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -205,22 +206,24 @@ def test_keep_harm_weight_leans_to_keeping_where_the_head_cannot_tell_samples_ap
     worse than its input; with the harm penalty keep rises until neither is made worse by more
     than the margin (0.1 dB). The penalty is exactly zero while nothing is made worse."""
     from tasks.train import loop
-    from tasks.train.estimator import HARM_MARGIN_DB, keep_loss, served_mse
+    from tasks.train.estimator import HARM_MARGIN_DB, KeepCache, KeepHeads, keep_loss, served_mse
 
-    # per sample: error of the input (keep 1) and of the network (keep 0), independent errors
-    def quadratic(input_mse: float, network_mse: float) -> torch.Tensor:
-        return torch.tensor([input_mse + network_mse, -network_mse, network_mse])  # d = x - r, e = r - c, d.e = -|e|^2
+    # per sample: error of the input (keep 1) and of the network (keep 0), independent errors; moments
+    # (uu, dd, ee, ud, ue, de) with u = x - r, e = r - c, u.e = -|e|^2, no tone lock (d = 0)
+    def moments(input_mse: float, network_mse: float) -> torch.Tensor:
+        return torch.tensor([input_mse + network_mse, 0.0, network_mse, 0.0, -network_mse, 0.0])
 
-    helped, hurt = quadratic(4e-3, 1e-3), quadratic(1e-3, 4e-3)
+    helped, hurt = moments(4e-3, 1e-3), moments(1e-3, 4e-3)
     quad = torch.stack([helped, hurt])
     features = torch.ones(2, 1)
+    cache = KeepCache(features, quad, torch.zeros(2))
 
     def trained_keep(harm_weight: float) -> torch.Tensor:
         torch.manual_seed(0)
         head = torch.nn.Linear(1, 1)
         cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 400, "batch": 2, "log_every": 100}
         loop.fit(loop.Training(list(head.parameters()), cfg, torch.device("cpu")),
-                 keep_loss(head, features, quad, harm_weight=harm_weight),
+                 keep_loss(KeepHeads(head), cache, harm_weight=harm_weight),
                  ((step, torch.arange(2)) for step in range(400)), cfg, 400, torch.device("cpu"), progress=False)
         with torch.no_grad():
             return torch.sigmoid(head(features)[:, 0])
@@ -238,28 +241,37 @@ def test_keep_harm_weight_leans_to_keeping_where_the_head_cannot_tell_samples_ap
     with torch.no_grad():
         head.weight.zero_(), head.bias.fill_(8.0)              # keep ~ 1
     rows = torch.arange(2)
-    assert torch.equal(keep_loss(head, features, quad, harm_weight=10.0)(rows)[0],
-                       keep_loss(head, features, quad)(rows)[0])
+    assert torch.equal(keep_loss(KeepHeads(head), cache, harm_weight=10.0)(rows)[0],
+                       keep_loss(KeepHeads(head), cache)(rows)[0])
 
 
-def test_keep_quadratic_is_the_served_error_at_every_keep_and_its_minimum():
-    """The cached (a, b, c) give the served blend's MSE exactly for any keep, and optimal_keep is
-    its minimiser on [0, 1] (1 when the network changed nothing)."""
-    from tasks.train.estimator import keep_quadratic, optimal_keep, served_mse
+def test_keep_moments_give_the_served_error_at_every_keep_and_tone_share_and_its_minimum():
+    """The six cached moments give the MSE of what is served, k * degraded + (1 - k) * (restored +
+    s * correction), exactly for any keep k and tone share s; optimal_keep is its minimiser over
+    keep on [0, 1] at a given share (1 when nothing depends on keep)."""
+    from tasks.train.estimator import keep_moments, optimal_keep, served_mse
 
     gen = torch.Generator().manual_seed(3)
-    degraded, restored, clean = (torch.rand(5, 3, 16, 16, generator=gen) for _ in range(3))
+    degraded, restored, clean, correction = (torch.rand(5, 3, 16, 16, generator=gen) for _ in range(4))
+    correction -= 0.5
     restored[4] = degraded[4]
-    quadratic = keep_quadratic(degraded, restored, clean)
+    correction[4] = 0.0
+    moments = keep_moments(degraded, restored, clean, correction)
     for k in (0.0, 0.3, 1.0):
         direct = (torch.lerp(restored, degraded, k) - clean).pow(2).flatten(1).mean(1)
-        assert torch.allclose(served_mse(quadratic, torch.full((5,), k)), direct, atol=1e-6)
-    best = optimal_keep(quadratic)
+        assert torch.allclose(served_mse(moments, torch.full((5,), k)), direct, atol=1e-6)
+        for s in (0.0, 0.6, 1.0):
+            direct = (torch.lerp(restored + s * correction, degraded, k) - clean).pow(2).flatten(1).mean(1)
+            assert torch.allclose(served_mse(moments, torch.full((5,), k), torch.full((5,), s)), direct, atol=1e-6)
     grid = torch.linspace(0, 1, 201)
-    for i in range(4):
-        errors = served_mse(quadratic[i:i + 1].expand(201, 3), grid)
-        assert float(served_mse(quadratic[i:i + 1], best[i:i + 1])) <= float(errors.min()) + 1e-7
-    assert float(best[4]) == 1.0
+    for share in (None, torch.full((5,), 0.6)):
+        best = optimal_keep(moments, share)
+        for i in range(4):
+            at = None if share is None else share[i:i + 1].expand(201)
+            errors = served_mse(moments[i:i + 1].expand(201, 6), grid, at)
+            assert float(served_mse(moments[i:i + 1], best[i:i + 1], None if share is None else share[i:i + 1])) \
+                <= float(errors.min()) + 1e-7
+        assert float(best[4]) == 1.0
 
 
 def test_evaluation_set_of_held_out_pairs_and_first_n(tmp_path):
@@ -364,11 +376,11 @@ def test_keep_cache_restores_a_share_with_a_misapplied_adapter():
             restored = backbone(torch.stack([d for d, _, _ in items])).clamp(0, 1)
         return (restored - torch.stack([c for _, c, _ in items])).pow(2).flatten(1).mean(1)
 
-    _, quadratic = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
-                              torch.device("cpu"), False, p_misapplied=1.0, seed=0)
+    quadratic = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
+                           torch.device("cpu"), False, p_misapplied=1.0, seed=0).moments
     alone = torch.stack([error_alone("noise"), error_alone("rain")])
     assert not torch.allclose(alone[0], alone[1])
     assert all(bool(torch.isclose(quadratic[i, 2], alone[:, i], rtol=1e-4).any()) for i in range(8))
-    _, blended = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
-                            torch.device("cpu"), False, p_misapplied=0.0, seed=0)
+    blended = keep_cache(estimator, backbone, bank, ["noise", "rain"], 1.0, None, Fixed(), 8, 8,
+                         torch.device("cpu"), False, p_misapplied=0.0, seed=0).moments
     assert not all(bool(torch.isclose(blended[i, 2], alone[:, i], rtol=1e-4).any()) for i in range(8))

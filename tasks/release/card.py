@@ -377,7 +377,9 @@ def estimator(v: View) -> list[str]:
     if keep:
         out.append(f"- Do-no-harm `keep` head on {keep['samples']} held-out samples: PSNR {keep['psnr_input']:.2f} dB in, "
                    f"{keep['psnr_network']:.2f} dB from the network alone, {keep['psnr_served']:.2f} dB served with keep; "
-                   f"{100 * keep['worse_share']:.0f}% of the samples served worse than the input.")
+                   f"{100 * keep['worse_share']:.0f}% of the samples served worse than the input"
+                   + (f"; mean tone-lock share {keep['tone_share_mean']:.2f}." if keep.get("tone_share_mean") is not None
+                      else "."))
     dense = report.get("dense_val")
     if dense:
         out.append(f"- Dense (per-pixel) head on {dense['samples']} validation crops: mean IoU {dense['mean_iou']:.3f}, "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -341,7 +342,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                               window=index["crop_size"] if windowed else None,
                               keep_window=(cfg.get("keep_crop") or index["crop_size"]) if windowed else None,
                               windows=int(cfg.get("windows", 9)), tone_lock=bool(cfg.get("tone_lock", False)),
-                              class_names=names).to(device)
+                              tone_head=bool(cfg.get("tone_head", False)), class_names=names).to(device)
     do_no_harm, dense = estimator.base is not None, estimator.has_dense
     dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
@@ -371,7 +372,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
             summary["sw_final_loss"] = tune_blend(estimator, names, files, stream, cfg, backbone_path, device,
                                                   sw_log, progress)
         if do_no_harm and int(cfg.get("keep_steps", 0)) > 0:
-            keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep", "keep_target"], run)
+            keep_log = StepLog(reports_dir / "estimator_keep.tsv", ["loss", "lr", "img_per_s", "keep", "keep_target",
+                                                                    *(["tone_share"] if estimator.config.tone_lock else [])], run)
             summary.update(tune_keep(estimator, names, files, stream, cfg, backbone_path, device, keep_log, progress))
 
         estimator.to("cpu")
@@ -460,10 +462,11 @@ def check_frozen(backbone, backbone_fp: str, backbone_path: str, step: str) -> N
 
 def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.ShardStream, cfg: dict,
               backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> dict:
-    """The keep step, everything but the keep head frozen. The frozen system restores
-    `keep_samples` samples once (keep_cache); the head then trains on that cache for `keep_steps`
-    minibatch steps (cheap: no network runs), towards each sample's PSNR of the served blend
-    (keep_loss). A share `keep_holdout` of the cache is held out and scored (keep_report)."""
+    """The keep step, everything but the keep head (and the tone head, if any) frozen. The frozen
+    system restores `keep_samples` samples once (keep_cache); the heads then train on that cache for
+    `keep_steps` minibatch steps (cheap: no network runs), towards each sample's PSNR of what is
+    served: the tone lock (when the system has one) and then the keep blend (keep_loss). A share
+    `keep_holdout` of the cache is held out and scored (keep_report)."""
     backbone, bank, backbone_fp = frozen_system(backbone_path, files, device)
     for p in estimator.parameters():
         p.requires_grad_(False)
@@ -475,50 +478,98 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     stream.transform.p_gray = float(cfg.get("keep_p_gray", stream.transform.p_gray))
     stream.transform.dense = False  # the keep head is image-level: no target maps to build
     stream.seed = cfg["seed"] + 2
-    features, quadratic = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
-                                     stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress,
-                                     float(cfg.get("p_keep_misapplied", 0.0)), cfg["seed"])
+    cache = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
+                       stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress,
+                       float(cfg.get("p_keep_misapplied", 0.0)), cfg["seed"])
     check_frozen(backbone, backbone_fp, backbone_path, "keep")
-    held = max(1, int(round(len(features) * float(cfg.get("keep_holdout", 0.2)))))
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg["seed"]))
+    held = max(1, int(round(len(cache.features) * float(cfg.get("keep_holdout", 0.2)))))
+    order = torch.randperm(len(cache.features), generator=torch.Generator().manual_seed(cfg["seed"]))
     val, train = order[:held], order[held:]
-    head = list(estimator.keep_head.parameters())
-    for p in head:
+    heads = KeepHeads.of(estimator)
+    params = heads.parameters()
+    for p in params:
         p.requires_grad_(True)
     keep_steps, keep_batch = int(cfg["keep_steps"]), int(cfg.get("keep_batch", 64))
     keep_cfg = {**cfg, "lr": cfg.get("keep_lr", cfg["lr"]), "warmup_steps": 0, "steps": keep_steps, "grad_clip": 0}
     picks = torch.Generator().manual_seed(cfg["seed"] + 3)
     batches = ((step, train[torch.randint(0, len(train), (keep_batch,), generator=picks)]) for step in range(keep_steps))
-    head_fn = estimator.keep_head.to(device)
-    loss_fn = keep_loss(head_fn, features, quadratic, harm_weight=float(cfg.get("keep_harm_weight", 0.0)))
-    losses = loop.fit(loop.Training(head, keep_cfg, device), loss_fn, batches, keep_cfg, keep_steps, device,
+    heads.to(device)
+    loss_fn = keep_loss(heads, cache, harm_weight=float(cfg.get("keep_harm_weight", 0.0)))
+    losses = loop.fit(loop.Training(params, keep_cfg, device), loss_fn, batches, keep_cfg, keep_steps, device,
                       steplog=steplog, desc="estimator keep", progress=progress)
     for p in estimator.parameters():
         p.requires_grad_(True)
-    report = keep_report(head_fn, features[val], quadratic[val])
+    report = keep_report(heads, cache.subset(val))
     log.info("keep step: held-out %d samples, PSNR input %.2f, network %.2f, served %.2f, best keep %.2f dB; "
-             "served worse than input on %.0f%%", held, report["psnr_input"], report["psnr_network"],
-             report["psnr_served"], report["psnr_best"], 100 * report["worse_share"])
+             "served worse than input on %.0f%%%s", held, report["psnr_input"], report["psnr_network"],
+             report["psnr_served"], report["psnr_best"], 100 * report["worse_share"],
+             "" if report.get("tone_share_mean") is None else f"; mean tone share {report['tone_share_mean']:.2f}")
     return {"keep_final_loss": float(np.mean(losses[-10:])), "keep_val": report}
+
+
+class KeepHeads:
+    """What the keep step trains: the keep head and, if there is one, the tone head; without it the
+    tone lock's share is the rule's (models/tone.py), and without `tone_lock` there is no lock."""
+
+    def __init__(self, keep_head: torch.nn.Module, tone_head: torch.nn.Module | None = None, tone_lock: bool = False):
+        self.keep_head, self.tone_head, self.tone_lock = keep_head, tone_head, bool(tone_lock or tone_head is not None)
+
+    @classmethod
+    def of(cls, estimator) -> "KeepHeads":
+        return cls(estimator.keep_head, estimator.tone_head, estimator.config.tone_lock)
+
+    def parameters(self) -> list:
+        return [*self.keep_head.parameters(), *(self.tone_head.parameters() if self.tone_head is not None else ())]
+
+    def to(self, device):
+        self.keep_head.to(device)
+        if self.tone_head is not None:
+            self.tone_head.to(device)
+        return self
+
+    def __call__(self, features: torch.Tensor, rule_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep B, tone share B or None) for cached features and the rule's shares."""
+        keep = torch.sigmoid(self.keep_head(features).float())[:, 0]
+        if self.tone_head is not None:
+            return keep, torch.sigmoid(self.tone_head(features).float())[:, 0]
+        return keep, (rule_share.to(keep) if self.tone_lock else None)
+
+
+@dataclass
+class KeepCache:
+    """The keep step's samples, restored once: `features` N x 2F (the input's and the network
+    output's, what the heads read), `moments` N x 6 (keep_moments: the served error for any keep
+    and tone share), `rule_share` N (the tone lock's share read off the weights, tone_free_share)."""
+    features: torch.Tensor
+    moments: torch.Tensor
+    rule_share: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def subset(self, rows: torch.Tensor) -> "KeepCache":
+        return KeepCache(self.features[rows], self.moments[rows], self.rule_share[rows])
 
 
 @torch.no_grad()
 def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, crop: int | None,
                stream: reader.ShardStream, samples: int, batch: int, device: torch.device, progress: bool,
-               p_misapplied: float = 0.0, seed: int = 0):
-    """(N x 2F features of each input and of its restoration, N x 3 keep_quadratic): what the keep
-    head sees and what its loss needs, for N = `samples` samples of `stream` restored by the frozen
-    system in SW mode. The restoration runs on each sample's central `crop`. A share
-    `p_misapplied` is restored with one adapter drawn at random instead of the estimator's blend:
-    what an adapter does to an image it was not made for, which the estimator's own (mostly right)
-    choices on synthetic samples rarely show, and which keep must recognise."""
+               p_misapplied: float = 0.0, seed: int = 0) -> KeepCache:
+    """What the keep step's heads see and what their loss needs (KeepCache) for `samples` samples
+    of `stream` restored by the frozen system in SW mode. The restoration runs on each sample's
+    central `crop`. A share `p_misapplied` is restored with one adapter drawn at random instead of
+    the estimator's blend: what an adapter does to an image it was not made for, which the
+    estimator's own (mostly right) choices on synthetic samples rarely show, and which keep must
+    recognise."""
     from tqdm import tqdm
+
+    from models.tone import lock_tone, tone_free_share
 
     columns = [bank.names.index(n) for n in names]
     draws = torch.Generator().manual_seed(seed + 4)
     estimator.eval()
     loader = reader.SegmentedLoader(stream, batch, segment_steps=10 ** 9)
-    features, quadratic = [], []
+    features, moments, shares = [], [], []
     steps = -(-samples // batch)
     for _, batch in tqdm(loader.batches(0, steps), total=steps, desc="estimator keep cache",
                          unit="batch", disable=not progress, leave=False):
@@ -536,78 +587,104 @@ def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, 
         bank_weights[:, columns] = weights[:, :len(names)]
         with bank.weights(bank_weights):
             restored = backbone(degraded).float().clamp(0, 1)
-        window = estimator.config.keep_window
-        features.append(torch.cat([estimator.features_at(degraded, window), estimator.features_at(restored, window)],
-                                  dim=1).cpu())
-        quadratic.append(keep_quadratic(degraded, restored, clean).cpu())
+        correction = lock_tone(restored.clone(), degraded, restored.new_ones(len(restored), 1)) - restored
+        features.append(estimator.judge_features(degraded, restored).cpu())
+        moments.append(keep_moments(degraded, restored, clean, correction).cpu())
+        shares.append(tone_free_share(weights, names)[:, 0].cpu())
     estimator.train()
-    return torch.cat(features)[:samples], torch.cat(quadratic)[:samples]
+    return KeepCache(torch.cat(features)[:samples], torch.cat(moments)[:samples], torch.cat(shares)[:samples])
 
 
-def keep_quadratic(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """B x 3 (a, b, c) with MSE(keep * degraded + (1 - keep) * restored, clean) = a k^2 + 2 b k + c
-    for every keep k: a = mean(d^2), b = mean(d e), c = mean(e^2), d = degraded - restored,
-    e = restored - clean. So each sample's served error is exact for any keep, without the images."""
-    change = (degraded - restored).flatten(1)
-    error = (restored - clean).flatten(1)
-    return torch.stack([change.pow(2).mean(1), (change * error).mean(1), error.pow(2).mean(1)], dim=1)
+def keep_moments(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Tensor,
+                 correction: torch.Tensor | None = None) -> torch.Tensor:
+    """B x 6 mean products (uu, dd, ee, ud, ue, de) of u = degraded - restored, d = `correction`
+    (the tone lock's at share 1; zero without) and e = restored - clean. What is served for keep k
+    and tone share s, k * degraded + (1 - k) * (restored + s d), is off the clean image by
+    e + k u + t d with t = (1 - k) s, so its MSE, a quadratic form in (k, t) of these six, is exact
+    for every keep and share without the images (keep_moments is taken before the lock's clamp to
+    [0, 1], which the served output then applies)."""
+    u = (degraded - restored).flatten(1)
+    e = (restored - clean).flatten(1)
+    d = torch.zeros_like(u) if correction is None else correction.flatten(1)
+    return torch.stack([(u * u).mean(1), (d * d).mean(1), (e * e).mean(1), (u * d).mean(1), (u * e).mean(1),
+                        (d * e).mean(1)], dim=1)
 
 
-def served_mse(quadratic: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    a, b, c = quadratic.unbind(1)
-    return (a * keep.pow(2) + 2 * b * keep + c).clamp_min(0.0)
+def served_mse(moments: torch.Tensor, keep: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
+    """B: the MSE of what is served at keep `keep` and tone share `share` (None: no lock)."""
+    uu, dd, ee, ud, ue, de = moments.unbind(1)
+    error = ee + keep.pow(2) * uu + 2 * keep * ue
+    if share is not None:
+        t = (1 - keep) * share
+        error = error + t.pow(2) * dd + 2 * t * de + 2 * keep * t * ud
+    return error.clamp_min(0.0)
 
 
-def keep_loss(head, features: torch.Tensor, quadratic: torch.Tensor, floor: float = KEEP_MSE_FLOOR,
-              harm_weight: float = 0.0, harm_margin_db: float = HARM_MARGIN_DB):
+def keep_loss(heads, cache: KeepCache, floor: float = KEEP_MSE_FLOOR, harm_weight: float = 0.0,
+              harm_margin_db: float = HARM_MARGIN_DB):
     """The loop's loss for the keep step (batches are index tensors into the cache): the mean over
-    samples of log10(MSE + floor) of the served blend, i.e. minus each sample's PSNR (to a cap of
-    -10 log10(floor) dB). The mean PSNR over images is what the evaluation reports and what a user
-    sees one photo at a time, so every image weighs alike in dB: a clean photo the network spoils
-    (keep should go to 1) counts as much as a degraded one it repairs (keep to 0).
+    samples of log10(MSE + floor) of what is served (the tone lock at the heads' or the rule's
+    share, then the keep blend), i.e. minus each sample's PSNR (to a cap of -10 log10(floor) dB).
+    The mean PSNR over images is what the evaluation reports and what a user sees one photo at a
+    time, so every image weighs alike in dB: a clean photo the network spoils (keep should go to 1)
+    counts as much as a degraded one it repairs (keep to 0).
 
-    `harm_weight` adds, per sample, that weight times the dB by which the served blend falls more
+    `harm_weight` adds, per sample, that weight times the dB by which the served result falls more
     than `harm_margin_db` below its input: a photo made worse is a failure a user sees, a gain
-    missed is not, so where the head cannot tell the two apart it should lean to keeping. At 0 the
-    loss is the plain mean; the penalty is zero wherever keep 1 is reachable, so it only moves keep
-    up. `keep_target` logs the mean of each sample's best keep (optimal_keep)."""
-    device = next(head.parameters()).device
+    missed is not, so where the heads cannot tell the two apart they should lean to keeping. At 0
+    the loss is the plain mean; the penalty is zero wherever keep 1 is reachable, so it only moves
+    keep up. `keep_target` logs the mean of each sample's best keep (optimal_keep) at the share used."""
+    device = next(iter(heads.parameters())).device
     margin = harm_margin_db / 10.0  # log10 units of MSE
 
     def loss_fn(rows):
-        feats, quad = features[rows].to(device), quadratic[rows].to(device)
-        keep = torch.sigmoid(head(feats).float())[:, 0]
-        served = torch.log10(served_mse(quad, keep) + floor)
+        feats, moments = cache.features[rows].to(device), cache.moments[rows].to(device)
+        keep, share = heads(feats, cache.rule_share[rows].to(device))
+        served = torch.log10(served_mse(moments, keep, share) + floor)
         loss = served.mean()
         if harm_weight > 0:
-            given = torch.log10(served_mse(quad, torch.ones_like(keep)) + floor)
+            given = torch.log10(served_mse(moments, torch.ones_like(keep)) + floor)
             loss = loss + harm_weight * F.relu(served - given - margin).mean()
-        return loss, {"keep": float(keep.detach().mean()), "keep_target": float(optimal_keep(quad).mean())}
+        logged = {"keep": float(keep.detach().mean()),
+                  "keep_target": float(optimal_keep(moments, None if share is None else share.detach()).mean())}
+        if share is not None:
+            logged["tone_share"] = float(share.detach().mean())
+        return loss, logged
 
     return loss_fn
 
 
 @torch.no_grad()
-def keep_report(head, features: torch.Tensor, quadratic: torch.Tensor, worse_db: float = HARM_MARGIN_DB) -> dict:
+def keep_report(heads, cache: KeepCache, worse_db: float = HARM_MARGIN_DB) -> dict:
     """Held-out samples' mean PSNR (dB, capped as in the loss) of the input (keep 1), the network
-    (keep 0), the served blend and the best keep, and the share served worse than its input."""
-    device = next(head.parameters()).device
-    keep = torch.sigmoid(head(features.to(device)).float())[:, 0].cpu()
+    (keep 0, tone lock as served), the served result and the best keep, the share served worse than
+    its input, and the mean keep and tone share (None without a lock)."""
+    device = next(iter(heads.parameters())).device
+    keep, share = heads(cache.features.to(device), cache.rule_share.to(device))
+    keep = keep.cpu()
+    share = None if share is None else share.cpu()
 
     def psnr(k: torch.Tensor) -> torch.Tensor:
-        return -10 * torch.log10(served_mse(quadratic, k) + KEEP_MSE_FLOOR)
+        return -10 * torch.log10(served_mse(cache.moments, k, share) + KEEP_MSE_FLOOR)
 
     ones = torch.ones(len(keep))
     served, given = psnr(keep), psnr(ones)
     return {"samples": len(keep), "psnr_input": float(given.mean()), "psnr_network": float(psnr(0 * ones).mean()),
-            "psnr_served": float(served.mean()), "psnr_best": float(psnr(optimal_keep(quadratic)).mean()),
-            "worse_share": float((served < given - worse_db).float().mean()), "keep_mean": float(keep.mean())}
+            "psnr_served": float(served.mean()), "psnr_best": float(psnr(optimal_keep(cache.moments, share)).mean()),
+            "worse_share": float((served < given - worse_db).float().mean()), "keep_mean": float(keep.mean()),
+            "tone_share_mean": None if share is None else float(share.mean())}
 
 
-def optimal_keep(quadratic: torch.Tensor) -> torch.Tensor:
-    """B: the k in [0, 1] minimising a k^2 + 2 b k + c (keep_quadratic); 1 when the network changed
-    nothing (a = 0: keeping the input is then the same image)."""
-    a, b, _ = quadratic.unbind(1)
+def optimal_keep(moments: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
+    """B: the keep in [0, 1] minimising served_mse at tone share `share`; 1 when the served result
+    does not depend on keep (the network and its lock changed nothing)."""
+    uu, dd, _, ud, ue, de = moments.unbind(1)
+    if share is None:
+        a, b = uu, ue
+    else:
+        # error = (e + s d) + k (u - s d)
+        a = uu - 2 * share * ud + share.pow(2) * dd
+        b = ue + share * ud - share * de - share.pow(2) * dd
     best = (-b / a.clamp_min(1e-12)).clamp(0.0, 1.0)
     return torch.where(a > 1e-10, best, torch.ones_like(best))
 

@@ -16,13 +16,15 @@ change it makes (a naturally soft photo sharpened into halos, a dim one brighten
 input alone cannot say. Estimators saved before this existed load with neither (keep 0, adapter
 weights summing to one), as they were trained.
 
-Tone head (`tone_head`, with `tone_lock`): a third judgement from the same look at the input and
-the network's output, the share of the input's low frequencies the served output keeps (the tone
-lock, models/tone.py). Without it the share is read off the adapter weights (one minus the weights
-of tone-changing experts), which are expert shares, not the chance that a photo needs its tone
-changed: a dark photo with a little noise weight lost a little of its brightening. The head is
-trained with keep, on what the served blend comes to (tasks/train/estimator.py). Estimators saved
-before it load without it.
+Tone calibration (`tone_calibration`, with `tone_lock`): the tone lock's share (models/tone.py) is
+read off the adapter weights, one minus the weights of tone-changing experts; those are shares of
+experts, not the chance that a photo needs no tone change (a dark photo with a little noise weight
+lost a little of its brightening, a noisy one with a little low-light weight kept a little of a
+brightening it should not have). Two numbers learned with keep map it monotonically,
+`sigmoid(scale * logit(share) + bias)` (identity at the start, scale 1 and bias 0), on what the
+served result comes to (tasks/train/estimator.py). Two numbers, not a head on the features: a head
+reading 48 px windows learned to call noisy photos dark on the `real` run (README "Tone lock").
+Estimators saved before it load without it.
 
 Looking at a photo at the scale it learned (`window`, `keep_window`): the estimator trains on
 samples of one size (the shard crops, 96-128 px; the keep head on the keep step's central crops),
@@ -65,6 +67,7 @@ from models.checkpoint import (CheckpointError, check_tensors, merge_metadata, m
 ESTIMATOR_FORMAT = "abair-estimator"
 MODES = ("sw", "oh")
 KEEP_INIT_LOGIT = -2.0
+TONE_EPS = 1e-4   # ToneCalibration's clamp: logit(share) stays within +-9.2
 DENSE_STRIDE = 2  # the dense map is view_size / 2 on a side (32 x 32 for the default 64 px view)
 # The cell logits' starting gain: trust the head's judgement of each cell as much as of the whole view.
 # Chosen between 0 and 1 on the default system's validation shards (the head of a plain estimator,
@@ -86,7 +89,7 @@ class EstimatorConfig:
     keep_window: int | None = None
     windows: int = 9
     tone_lock: bool = False   # the Restorer keeps the input's low frequencies by the tone-free share (models/tone.py)
-    tone_head: bool = False   # that share judged by a head (trained with keep) instead of read off the weights
+    tone_calibration: bool = False   # that share mapped by sigmoid(scale * logit(share) + bias), learned with keep
 
 
 class StatPool(nn.Module):
@@ -167,6 +170,20 @@ class DenseDecoder(nn.Module):
         return contrast + self.out(F.gelu(self.mix(F.gelu(pyramid))))
 
 
+class ToneCalibration(nn.Module):
+    """share -> sigmoid(scale * logit(share) + bias): monotone, the identity at scale 1 and bias 0
+    (the share clamped to [TONE_EPS, 1 - TONE_EPS] first, so 0 and 1 stay finite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, share: torch.Tensor) -> torch.Tensor:
+        logit = torch.logit(share.float().clamp(TONE_EPS, 1 - TONE_EPS))
+        return torch.sigmoid(self.scale * logit + self.bias)
+
+
 def he_init(model: nn.Module) -> nn.Module:
     """He-normal weights and zero biases for every conv and linear layer of `model`."""
     for module in model.modules():
@@ -205,7 +222,7 @@ class Estimator(nn.Module):
     def __init__(self, num_outputs: int, width: int = 16, crops: int = 2, crop_size: int = 64,
                  view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
                  dense: bool = False, window: int | None = None, keep_window: int | None = None,
-                 windows: int = 9, tone_lock: bool = False, tone_head: bool = False,
+                 windows: int = 9, tone_lock: bool = False, tone_calibration: bool = False,
                  class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
@@ -219,10 +236,11 @@ class Estimator(nn.Module):
                 raise ValueError(f"{name} must be a positive number of pixels or None, got {side}")
         if windows < 1:
             raise ValueError(f"windows must be >= 1, got {windows}")
-        if tone_head and not (tone_lock and do_no_harm):
-            raise ValueError("a tone head judges the tone lock's share beside keep: it needs tone_lock and do_no_harm")
+        if tone_calibration and not (tone_lock and do_no_harm):
+            raise ValueError("a tone calibration maps the tone lock's share and is learned with keep: it needs "
+                             "tone_lock and do_no_harm")
         self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense,
-                                      window, keep_window, windows, bool(tone_lock), bool(tone_head))
+                                      window, keep_window, windows, bool(tone_lock), bool(tone_calibration))
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
@@ -241,16 +259,7 @@ class Estimator(nn.Module):
             # start by trusting the network (keep ~0.1): keep is learned from where it hurts
             nn.init.zeros_(self.keep_head[-1].weight)
             nn.init.constant_(self.keep_head[-1].bias, KEEP_INIT_LOGIT)
-        # tone head: the share of the input's low frequencies the served output keeps (models/tone.py),
-        # judged like keep from the input and the network's output. Drawn from a forked RNG, so the
-        # rest of the estimator is the same seed for seed with or without it; starts at 0.5.
-        self.tone_head = None
-        if tone_head:
-            with torch.random.fork_rng(devices=[]):
-                self.tone_head = he_init(nn.Sequential(nn.Linear(2 * features, 4 * width), nn.GELU(),
-                                                       nn.Linear(4 * width, 1)))
-                nn.init.zeros_(self.tone_head[-1].weight)
-                nn.init.zeros_(self.tone_head[-1].bias)
+        self.tone_calibration = ToneCalibration() if tone_calibration else None
         # dense: spatial logits for the K adapters (and base), added to the image-level ones. Drawn
         # from a forked RNG, so the rest of the estimator (and the training after it) gets the
         # same random numbers with or without it: a dense estimator's image-level part is the
@@ -405,16 +414,10 @@ class Estimator(nn.Module):
             return x.new_zeros(x.shape[0], 1, dtype=torch.float32)
         return torch.sigmoid(self.keep_logit(x, restored).float())
 
-    def judge(self, x: torch.Tensor, restored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(keep B x 1, tone share B x 1 or None without a tone head), from one look at the inputs
-        and the network's outputs: keep as `keep`, and the share of the input's low frequencies the
-        tone lock keeps (models/tone.py)."""
-        if self.keep_head is None:
-            return x.new_zeros(x.shape[0], 1, dtype=torch.float32), None
-        features = self.judge_features(x, restored)
-        keep = torch.sigmoid(self.keep_head(features).float())
-        share = torch.sigmoid(self.tone_head(features).float()) if self.tone_head is not None else None
-        return keep, share
+    def tone_share(self, rule_share: torch.Tensor) -> torch.Tensor:
+        """The tone lock's share from the one read off the weights (models/tone.tone_free_share, any
+        shape): calibrated with a tone calibration, as it is without."""
+        return rule_share if self.tone_calibration is None else self.tone_calibration(rule_share)
 
     def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0,
                 restored: torch.Tensor | None = None) -> torch.Tensor:

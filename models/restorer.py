@@ -9,9 +9,9 @@ weights (summing to at most one; the rest is the backbone alone) and one `keep` 
 blends the network's output back towards the input, `out = keep * input + (1 - keep) * network`,
 so the system can leave an image as it came (do no harm). Before the keep blend, the tone lock
 (models/tone.py) moves the network output's low frequencies back to the input's by the share of the
-weights that names no tone-changing degradation, or by the share the estimator's tone head judges
-(estimator modes, when it has one) (all modes but "none"; on for systems whose estimator was
-trained with `tone_lock`). In the estimator's modes keep comes from
+weights that names no tone-changing degradation (calibrated by the estimator's tone calibration in
+its modes, when it has one) (all modes but "none"; on for systems whose estimator was trained with
+`tone_lock`). In the estimator's modes keep comes from
 the estimator once the network has run (it looks at the input and the output); callers passing
 weights give keep themselves (K columns: keep 0). With a mergeable adapter kind (LoRA) and the same weights for every
 image of the batch (always so for a single image), the blend is merged into the backbone for the
@@ -319,17 +319,17 @@ class Restorer(nn.Module):
                             out = tiled_apply(lambda crop: self.backbone(crop, tile=run_tile(*crop.shape[-2:], None, crop.device)),
                                               images, side, overlap)
                 out = out.clamp_(0.0, 1.0)
-                share = None
-                if used is not None and weights is None and self.estimator is not None \
-                        and self.estimator.keep_head is not None:
-                    # the estimator's keep (and tone share, with a tone head) looks at the input and at
-                    # what the network made of it (image level: in "pw" the same keep at every pixel)
+                estimated = weights is None and self.estimator is not None
+                if used is not None and estimated and self.estimator.keep_head is not None:
+                    # the estimator's keep looks at the input and at what the network made of it
+                    # (image level: in "pw" the same keep at every pixel)
                     used = used.clone()
-                    keep, share = self.estimator.judge(images, out)
-                    used[:, -1] = keep[:, 0].view(-1, *([1] * (used.dim() - 2)))
+                    used[:, -1] = self.estimator.keep(images, out)[:, 0].view(-1, *([1] * (used.dim() - 2)))
                 if used is not None and self.tone_lock:
-                    # after keep and the tone head, which judge the unlocked output they trained on
-                    lock_tone(out, images, share if share is not None else tone_free_share(used, self.names))
+                    # after keep, which judges the unlocked output (its training counts the locked one);
+                    # the estimator's weights get its calibration of the share, the caller's the rule
+                    share = tone_free_share(used, self.names)
+                    lock_tone(out, images, self.estimator.tone_share(share) if estimated else share)
                 if used is not None and bool((used[:, -1] > 0).any()):
                     out = out.lerp_(images, keep_for(used, (h, w)).to(out.dtype))   # in place: no second output copy
         finally:

@@ -23,10 +23,11 @@ then nothing should move. An adapter kind not listed in TONE_FREE_KINDS is taken
 training, where its loss counts the locked, served result); the keep blend comes after the lock.
 Mode "none" (the backbone alone) is not locked.
 
-With an estimator tone head (`estimator.tone_head`), the share is the head's judgement instead (one
-per image, from the input and the network's output), trained with keep on the served result: the
-weights are shares of experts, not the chance that a photo needs no tone change, and a dark photo
-with some noise weight should still be brightened in full.
+With an estimator tone calibration (`estimator.tone_calibration`), the share is mapped by
+sigmoid(scale * logit(share) + bias), two numbers trained with keep on the served result: the
+weights are shares of experts, not the chance that a photo needs no tone change, so a dark photo
+with some noise weight should still be brightened in full, a noisy one with some low-light weight
+locked in full.
 
 CELL = 32 px is larger than what the tone-free experts act on (noise is per pixel; blur kernels
 reach 21 px) and small enough that the lock follows a photo's own lighting. The correction is

@@ -62,11 +62,11 @@ def make_system(folder: Path, kind: str, dense: bool, keep: bool, seed: int = 0)
     # trace the windowed features; the other looks at them whole (the default, and older estimators)
     windows = {"window": 24, "keep_window": 20, "windows": 4} if keep else {}
     # ... and is served with the tone lock (models/tone.py: numpy's arrays.lock_tone in the runtime)
-    # at the share its tone head judges (keep.onnx's second output)
+    # at a calibrated share (the metadata's tone_calibration)
     estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=keep, dense=dense,
-                          tone_lock=keep, tone_head=keep, class_names=list(NAMES), **windows)
+                          tone_lock=keep, tone_calibration=keep, class_names=list(NAMES), **windows)
     with torch.no_grad():
-        for head in [estimator.keep_head, estimator.dense_head, estimator.tone_head]:
+        for head in [estimator.keep_head, estimator.dense_head, estimator.tone_calibration]:
             for param in (head.parameters() if head is not None else []):
                 param.add_(torch.randn(param.shape, generator=generator))
     save_estimator(estimator, folder / "estimator.safetensors")
@@ -149,9 +149,11 @@ def test_export_writes_every_graph_checked_on_three_sizes(system, graphs, bound,
     if system == "lora":
         outputs = {g["file"]: set(g["checks"][0]["outputs"]) for g in record["graphs"]}
         assert outputs["estimator.onnx"] == {"weights", "logits", "weight_map"}
-        assert outputs["keep.onnx"] == {"keep", "tone_share"}
+        assert outputs["keep.onnx"] == {"keep"}
         keep_meta = {p.key: p.value for p in onnx.load(folder / "keep.onnx").metadata_props}
-        assert json.loads(keep_meta["abair.tone_head"]) is True and json.loads(keep_meta["abair.tone_lock"]) is True
+        calibration = made["restorer"].estimator.tone_calibration
+        assert json.loads(keep_meta["abair.tone_calibration"]) == [float(calibration.scale), float(calibration.bias)]
+        assert json.loads(keep_meta["abair.tone_lock"]) is True
         assert outputs["restorer.onnx"] == {"restored (pw map)", "network (pw map)", "restored (constant map)"}
 
 

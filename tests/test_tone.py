@@ -81,7 +81,7 @@ def test_the_numpy_twin_is_the_torch_lock(shape, share_shape):
     assert (arrays.TONE_CELL, arrays.TONE_BAND_ROWS) == (tone.CELL, tone.BAND_ROWS)
 
 
-def small_system(tone_lock: bool, tone_head: bool = False) -> Restorer:
+def small_system(tone_lock: bool, tone_calibration: bool = False) -> Restorer:
     torch.manual_seed(0)
     backbone = build_backbone(BackboneConfig(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1)))
     backbone.register_forward_hook(lambda module, args, out: out + 0.15)   # it brightens everything it sees
@@ -89,7 +89,7 @@ def small_system(tone_lock: bool, tone_head: bool = False) -> Restorer:
     for name in NAMES:
         bank.add(name)
     estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=True,
-                          tone_lock=tone_lock, tone_head=tone_head, class_names=NAMES)
+                          tone_lock=tone_lock, tone_calibration=tone_calibration, class_names=NAMES)
     return Restorer(backbone, bank, estimator).eval()
 
 
@@ -117,59 +117,67 @@ def test_the_flag_is_saved_with_the_estimator_and_old_files_have_none(tmp_path):
     assert old.config.tone_lock is False
 
 
-def test_a_tone_head_judges_the_share_in_the_estimators_modes():
-    """With a tone head the lock's share is the head's (image level, in sw and pw), not the rule's;
-    caller weights (oracle) keep the rule. Saved and loaded with the estimator."""
+def test_a_tone_calibration_maps_the_share_in_the_estimators_modes():
+    """With a tone calibration the lock's share is sigmoid(scale * logit(rule) + bias) in the
+    estimator's modes (sw here); the caller's weights (oracle) keep the rule. Identity at the start."""
     images = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.2
-    system, plain = small_system(True, tone_head=True), small_system(False)
-    head = system.estimator.tone_head
-    raw, _ = plain.restore(images, mode="none")
-    for bias, share in ((-30.0, 0.0), (30.0, 1.0), (0.0, 0.5)):
+    system, plain = small_system(True, tone_calibration=True), small_system(False)
+    calibration = system.estimator.tone_calibration
+    rule = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    assert torch.allclose(calibration(rule), rule, atol=2e-4)
+    for scale, bias in ((1.0, 0.0), (4.0, 1.0), (0.5, -2.0)):
         with torch.no_grad():
-            head[-1].weight.zero_(), head[-1].bias.fill_(bias)
+            calibration.scale.fill_(scale), calibration.bias.fill_(bias)
         served, used = system.restore(images, mode="sw")
         network, _ = plain.restore(images, mode="oracle", weights=used[:, :-1])
-        keep = float(used[0, -1])
-        expected = torch.lerp(tone.lock_tone(network.clone(), images, torch.tensor([[share]])), images, keep)
+        share = torch.sigmoid(scale * torch.logit(tone.tone_free_share(used, NAMES).clamp(1e-4, 1 - 1e-4)) + bias)
+        expected = torch.lerp(tone.lock_tone(network.clone(), images, share), images, float(used[0, -1]))
         torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
-        with torch.no_grad():
-            keep_judged, share_judged = system.estimator.judge(images, network)
-        assert float(share_judged) == pytest.approx(share, abs=1e-6) and float(keep_judged) == pytest.approx(keep)
-    # the caller's weights: the rule's share (noise 0.6 + lowlight 0.3 -> 0.7), as without a head
+        # the numpy twin the onnxruntime backend runs
+        np.testing.assert_allclose(arrays.calibrated_tone_share(rule[:, None].numpy(), [scale, bias]),
+                                   calibration(rule[:, None]).detach().numpy(), atol=1e-6)
+    # the caller's weights: the rule's share (noise 0.6 + lowlight 0.3 -> 0.7), as without a calibration
     weights = torch.tensor([[0.0, 0.0, 0.6, 0.0, 0.3, 0.4]])
     served, _ = system.restore(images, mode="oracle", weights=weights)
     network, _ = plain.restore(images, mode="oracle", weights=weights[:, :5])
     torch.testing.assert_close(served, torch.lerp(tone.lock_tone(network.clone(), images, torch.tensor([[0.7]])),
                                                   images, 0.4), atol=1e-6, rtol=0)
+    assert arrays.calibrated_tone_share(rule.numpy(), None) is not None
+    np.testing.assert_array_equal(arrays.calibrated_tone_share(rule.numpy(), None), rule.numpy())
 
 
-def test_the_tone_head_is_saved_and_needs_the_lock(tmp_path):
+def test_the_tone_calibration_is_saved_and_needs_the_lock(tmp_path):
+    from models.estimator import TONE_EPS
+
+    assert TONE_EPS == arrays.TONE_EPS
     estimator = Estimator(len(NAMES), width=4, crops=1, crop_size=16, view_size=16, do_no_harm=True, tone_lock=True,
-                          tone_head=True, class_names=NAMES)
+                          tone_calibration=True, class_names=NAMES)
     with torch.no_grad():
-        estimator.tone_head[-1].bias.fill_(1.5)
+        estimator.tone_calibration.scale.fill_(3.0), estimator.tone_calibration.bias.fill_(1.5)
     save_estimator(estimator, tmp_path / "estimator.safetensors")
     loaded = load_estimator(tmp_path / "estimator.safetensors")
-    assert loaded.config.tone_head is True and float(loaded.tone_head[-1].bias) == 1.5
-    # the rest of the estimator draws the same random numbers with or without the head
+    assert loaded.config.tone_calibration is True
+    assert (float(loaded.tone_calibration.scale), float(loaded.tone_calibration.bias)) == (3.0, 1.5)
+    # the rest of the estimator draws the same random numbers with or without it
     torch.manual_seed(0)
-    with_head = Estimator(len(NAMES), width=4, do_no_harm=True, tone_lock=True, tone_head=True)
+    calibrated = Estimator(len(NAMES), width=4, do_no_harm=True, tone_lock=True, tone_calibration=True)
     torch.manual_seed(0)
     without = Estimator(len(NAMES), width=4, do_no_harm=True, tone_lock=True)
-    assert all(torch.equal(v, with_head.state_dict()[k]) for k, v in without.state_dict().items())
+    assert all(torch.equal(v, calibrated.state_dict()[k]) for k, v in without.state_dict().items())
     for flags in ({"do_no_harm": True}, {"tone_lock": True}):
-        with pytest.raises(ValueError, match="tone head"):
-            Estimator(len(NAMES), width=4, tone_head=True, **flags)
+        with pytest.raises(ValueError, match="tone calibration"):
+            Estimator(len(NAMES), width=4, tone_calibration=True, **flags)
 
 
 def test_the_keep_step_learns_to_lock_where_tone_should_stay_and_not_where_it_should_change():
-    """Two kinds of cached samples the heads can tell apart: a noisy photo the network brightens
-    by mistake (locking takes the brightening back: best share 1) and a dark photo it brightens as
-    it should (locking would darken it again: best share 0). Trained on the served error, the tone
-    head goes to 1 on the first and 0 on the second, and keep stays low on both (the network helps
-    both once locked right); the rule's share (what the weights say) would lock half of each."""
+    """Two cached samples: a noisy photo the network brightens by mistake, with a rule share of 0.7
+    (locking takes the brightening back: best share 1), and a dark photo it brightens as it should,
+    with a rule share of 0.2 (a little noise weight; locking would darken it again: best share 0).
+    Trained on the served error, the calibration maps 0.7 near 1 and 0.2 near 0, keep stays low on
+    both (the network helps both once locked right), and the served result beats the rule's."""
     from tasks.train import loop
     from tasks.train.estimator import KeepCache, KeepHeads, keep_loss, keep_moments, keep_report
+    from models.estimator import ToneCalibration
 
     gen = torch.Generator().manual_seed(0)
     clean = torch.rand(2, 3, 32, 32, generator=gen) * 0.5 + 0.25
@@ -179,9 +187,9 @@ def test_the_keep_step_learns_to_lock_where_tone_should_stay_and_not_where_it_sh
     restored = clean + 0.02 * torch.randn(2, 3, 32, 32, generator=gen)
     restored[0] += 0.2                                               # wrongly brightened
     correction = tone.lock_tone(restored.clone(), degraded, torch.ones(2, 1)) - restored
-    cache = KeepCache(torch.eye(2), keep_moments(degraded, restored, clean, correction), torch.tensor([0.5, 0.5]))
+    cache = KeepCache(torch.eye(2), keep_moments(degraded, restored, clean, correction), torch.tensor([0.7, 0.2]))
     torch.manual_seed(0)
-    heads = KeepHeads(torch.nn.Linear(2, 1), torch.nn.Linear(2, 1))
+    heads = KeepHeads(torch.nn.Linear(2, 1), ToneCalibration())
     cfg = {"lr": 5e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "steps": 400, "batch": 2, "log_every": 100}
     loop.fit(loop.Training(heads.parameters(), cfg, torch.device("cpu")), keep_loss(heads, cache),
              ((step, torch.arange(2)) for step in range(400)), cfg, 400, torch.device("cpu"), progress=False)
@@ -192,4 +200,5 @@ def test_the_keep_step_learns_to_lock_where_tone_should_stay_and_not_where_it_sh
     learned = keep_report(heads, cache)
     rule = keep_report(KeepHeads(heads.keep_head, None, tone_lock=True), cache)
     assert learned["psnr_served"] > rule["psnr_served"] + 3 and learned["worse_share"] == 0.0
-    assert learned["tone_share_mean"] == pytest.approx(float(share.mean())) and rule["tone_share_mean"] == 0.5
+    assert learned["tone_share_mean"] == pytest.approx(float(share.mean())) and rule["tone_share_mean"] == \
+        pytest.approx(0.45)

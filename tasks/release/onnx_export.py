@@ -12,8 +12,8 @@ The graphs (torch.onnx.export with dynamo=True, opset OPSET; batch, height and w
                         head looks at the input and at what the network made of it, so it runs
                         after the restorer graph: out = keep * image + (1 - keep) * restored, with
                         the tone lock (models/tone.py) applied to `restored` before the blend (in
-                        numpy: tasks/serve/backends/arrays.lock_tone; not in the graphs). With a
-                        tone head, a second output tone_share B x 1: the lock's share.
+                        numpy: tasks/serve/backends/arrays.lock_tone; not in the graphs), at the
+                        share the metadata's tone_calibration ([scale, bias] or null) maps.
     restorer.onnx       (image, weight_map B x (K+1) x h x w at any h x w) -> restored (clamped to
                         [0, 1], with the map's keep column blended in) and network (the network's
                         raw output, before clamping and keep: local tiling blends tiles of it).
@@ -126,8 +126,7 @@ class KeepGraph(nn.Module):
         self.estimator = restorer.estimator
 
     def forward(self, image: torch.Tensor, network_output: torch.Tensor):
-        keep, share = self.estimator.judge(image, network_output)
-        return keep if share is None else (keep, share)
+        return self.estimator.keep(image, network_output)
 
 
 class RestorerGraph(nn.Module):
@@ -302,7 +301,8 @@ def system_metadata(restorer: Restorer) -> dict[str, str]:
             "map_size": json.dumps(_map_size(restorer)),
             "keep_head": json.dumps(estimator is not None and estimator.keep_head is not None),
             "tone_lock": json.dumps(bool(restorer.tone_lock)),
-            "tone_head": json.dumps(estimator is not None and estimator.tone_head is not None),
+            "tone_calibration": json.dumps(None if estimator is None or estimator.tone_calibration is None else
+                                           [float(estimator.tone_calibration.scale), float(estimator.tone_calibration.bias)]),
             "backbone_dim": str(restorer.backbone.config.dim),
             "opset": str(OPSET), "exporter": f"{EXPORTER}, torch {torch.__version__}"}
 
@@ -334,19 +334,14 @@ def graph_specs(restorer: Restorer, merge: Sequence[str]) -> list[GraphSpec]:
                                (example,), estimator_cases, BOUND, {"graph": "estimator"}))
 
         if estimator.keep_head is not None:
-            tone_head = estimator.tone_head is not None
-
             def keep_cases(h, w):
                 images = check_images(h, w)
                 network, _ = restorer.restore(images, mode="none")
-                keep, share = estimator.judge(images, network)
-                return [("images", (images, network), {"keep": keep, **({"tone_share": share} if tone_head else {})})]
+                return [("images", (images, network), {"keep": estimator.keep(images, network)})]
 
             specs.append(GraphSpec("keep.onnx", "keep: the share of the input blended back, from the input and the "
-                                   "network's output" + ("; tone_share: the share of the input's low frequencies the "
-                                                         "tone lock keeps" if tone_head else ""), KeepGraph(restorer),
-                                   {"image": image_shape, "network_output": image_shape},
-                                   {"keep": "batch x 1", **({"tone_share": "batch x 1"} if tone_head else {})},
+                                   "network's output", KeepGraph(restorer),
+                                   {"image": image_shape, "network_output": image_shape}, {"keep": "batch x 1"},
                                    {"image": image_axes, "network_output": image_axes},
                                    (example, example.flip(-1)), keep_cases, BOUND, {"graph": "keep"}))
 

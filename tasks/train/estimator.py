@@ -342,7 +342,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                               window=index["crop_size"] if windowed else None,
                               keep_window=(cfg.get("keep_crop") or index["crop_size"]) if windowed else None,
                               windows=int(cfg.get("windows", 9)), tone_lock=bool(cfg.get("tone_lock", False)),
-                              tone_head=bool(cfg.get("tone_head", False)), class_names=names).to(device)
+                              tone_calibration=bool(cfg.get("tone_calibration", False)),
+                              class_names=names).to(device)
     do_no_harm, dense = estimator.base is not None, estimator.has_dense
     dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
@@ -462,7 +463,7 @@ def check_frozen(backbone, backbone_fp: str, backbone_path: str, step: str) -> N
 
 def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.ShardStream, cfg: dict,
               backbone_path: str, device: torch.device, steplog: StepLog, progress: bool) -> dict:
-    """The keep step, everything but the keep head (and the tone head, if any) frozen. The frozen
+    """The keep step, everything but the keep head (and the tone calibration, if any) frozen. The frozen
     system restores `keep_samples` samples once (keep_cache); the heads then train on that cache for
     `keep_steps` minibatch steps (cheap: no network runs), towards each sample's PSNR of what is
     served: the tone lock (when the system has one) and then the keep blend (keep_loss). A share
@@ -500,39 +501,48 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     for p in estimator.parameters():
         p.requires_grad_(True)
     report = keep_report(heads, cache.subset(val))
+    calibration = estimator.tone_calibration
+    if calibration is not None:
+        report["tone_calibration"] = {"scale": float(calibration.scale), "bias": float(calibration.bias)}
     log.info("keep step: held-out %d samples, PSNR input %.2f, network %.2f, served %.2f, best keep %.2f dB; "
-             "served worse than input on %.0f%%%s", held, report["psnr_input"], report["psnr_network"],
+             "served worse than input on %.0f%%%s%s", held, report["psnr_input"], report["psnr_network"],
              report["psnr_served"], report["psnr_best"], 100 * report["worse_share"],
-             "" if report.get("tone_share_mean") is None else f"; mean tone share {report['tone_share_mean']:.2f}")
+             "" if report.get("tone_share_mean") is None else f"; mean tone share {report['tone_share_mean']:.2f}",
+             "" if calibration is None else f"; tone calibration scale {float(calibration.scale):.2f} "
+                                            f"bias {float(calibration.bias):.2f}")
     return {"keep_final_loss": float(np.mean(losses[-10:])), "keep_val": report}
 
 
 class KeepHeads:
-    """What the keep step trains: the keep head and, if there is one, the tone head; without it the
-    tone lock's share is the rule's (models/tone.py), and without `tone_lock` there is no lock."""
+    """What the keep step trains: the keep head and, if there is one, the tone calibration of the
+    rule's share (models/tone.py); without `tone_lock` there is no lock."""
 
-    def __init__(self, keep_head: torch.nn.Module, tone_head: torch.nn.Module | None = None, tone_lock: bool = False):
-        self.keep_head, self.tone_head, self.tone_lock = keep_head, tone_head, bool(tone_lock or tone_head is not None)
+    def __init__(self, keep_head: torch.nn.Module, tone_calibration: torch.nn.Module | None = None,
+                 tone_lock: bool = False):
+        self.keep_head, self.tone_calibration = keep_head, tone_calibration
+        self.tone_lock = bool(tone_lock or tone_calibration is not None)
 
     @classmethod
     def of(cls, estimator) -> "KeepHeads":
-        return cls(estimator.keep_head, estimator.tone_head, estimator.config.tone_lock)
+        return cls(estimator.keep_head, estimator.tone_calibration, estimator.config.tone_lock)
 
     def parameters(self) -> list:
-        return [*self.keep_head.parameters(), *(self.tone_head.parameters() if self.tone_head is not None else ())]
+        calibration = self.tone_calibration.parameters() if self.tone_calibration is not None else ()
+        return [*self.keep_head.parameters(), *calibration]
 
     def to(self, device):
         self.keep_head.to(device)
-        if self.tone_head is not None:
-            self.tone_head.to(device)
+        if self.tone_calibration is not None:
+            self.tone_calibration.to(device)
         return self
 
     def __call__(self, features: torch.Tensor, rule_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(keep B, tone share B or None) for cached features and the rule's shares."""
         keep = torch.sigmoid(self.keep_head(features).float())[:, 0]
-        if self.tone_head is not None:
-            return keep, torch.sigmoid(self.tone_head(features).float())[:, 0]
-        return keep, (rule_share.to(keep) if self.tone_lock else None)
+        if not self.tone_lock:
+            return keep, None
+        share = rule_share.to(keep)
+        return keep, (self.tone_calibration(share) if self.tone_calibration is not None else share)
 
 
 @dataclass
@@ -623,15 +633,15 @@ def served_mse(moments: torch.Tensor, keep: torch.Tensor, share: torch.Tensor | 
 def keep_loss(heads, cache: KeepCache, floor: float = KEEP_MSE_FLOOR, harm_weight: float = 0.0,
               harm_margin_db: float = HARM_MARGIN_DB):
     """The loop's loss for the keep step (batches are index tensors into the cache): the mean over
-    samples of log10(MSE + floor) of what is served (the tone lock at the heads' or the rule's
-    share, then the keep blend), i.e. minus each sample's PSNR (to a cap of -10 log10(floor) dB).
+    samples of log10(MSE + floor) of what is served (the tone lock at the rule's share, calibrated
+    where the estimator has a tone calibration, then the keep blend), i.e. minus each sample's PSNR (to a cap of -10 log10(floor) dB).
     The mean PSNR over images is what the evaluation reports and what a user sees one photo at a
     time, so every image weighs alike in dB: a clean photo the network spoils (keep should go to 1)
     counts as much as a degraded one it repairs (keep to 0).
 
     `harm_weight` adds, per sample, that weight times the dB by which the served result falls more
     than `harm_margin_db` below its input: a photo made worse is a failure a user sees, a gain
-    missed is not, so where the heads cannot tell the two apart they should lean to keeping. At 0
+    missed is not, so where the head cannot tell the two apart it should lean to keeping. At 0
     the loss is the plain mean; the penalty is zero wherever keep 1 is reachable, so it only moves
     keep up. `keep_target` logs the mean of each sample's best keep (optimal_keep) at the share used."""
     device = next(iter(heads.parameters())).device

@@ -16,6 +16,7 @@ SIZE_MULTIPLE = 8   # models.backbone.SIZE_MULTIPLE
 DEFAULT_OVERLAP = 32   # models.tiling.DEFAULT_OVERLAP
 TONE_CELL, TONE_BAND_ROWS = 32, 256   # models.tone.CELL, BAND_ROWS
 TONE_FREE_KINDS = frozenset({"noise", "camera_noise", "blur", "jpeg", "bitdepth"})   # models.tone
+TONE_EPS = 1e-4   # models.estimator.TONE_EPS (ToneCalibration's clamp)
 
 
 def bilinear_rows(out_size: int, in_size: int, rows: np.ndarray) -> np.ndarray:
@@ -77,6 +78,17 @@ def tone_free_share(used: np.ndarray, names: list[str]) -> np.ndarray:
     if not columns:
         return np.ones_like(used[:, :1])
     return np.clip(np.float32(1.0) - used[:, columns].sum(axis=1, keepdims=True, dtype=np.float32), 0.0, 1.0)
+
+
+def calibrated_tone_share(share: np.ndarray, calibration: list[float] | None) -> np.ndarray:
+    """The estimator's ToneCalibration: sigmoid(scale * logit(clamped share) + bias); `share` as it
+    is without a calibration (None)."""
+    if calibration is None:
+        return share
+    scale, bias = (np.float32(v) for v in calibration)
+    clamped = np.clip(share, np.float32(TONE_EPS), np.float32(1 - TONE_EPS)).astype(np.float32)
+    logit = np.log(clamped) - np.log1p(-clamped)
+    return (np.float32(1.0) / (np.float32(1.0) + np.exp(-(scale * logit + bias)))).astype(np.float32)
 
 
 def cell_means(x: np.ndarray, cell: int = TONE_CELL) -> np.ndarray:

@@ -13,8 +13,8 @@ It runs what models.restorer.Restorer.restore runs, graph by graph:
                      window of the map at the tile's size (arrays.py)
     keep.onnx        keep, from the image and the clamped network output; the output is then
                      keep * image + (1 - keep) * network, as in torch, after the tone lock
-                     (models/tone.py, in numpy: arrays.lock_tone) at the share of its second
-                     output (systems with a tone head) or read off the weights
+                     (models/tone.py, in numpy: arrays.lock_tone) at the share read off the
+                     weights, calibrated as the metadata's tone_calibration says
 
 Exact tiling runs inside the blocks in Python, so it is refused here; --tiling auto is whole when
 the image fits the tile budget (--max-pixels), else local. Images the backbone pads by repeating
@@ -123,6 +123,7 @@ class OnnxRuntimeBackend(Backend):
         self.k = len(self.names)
         # graphs exported before the tone lock existed carry no such key: their systems had none
         self.tone_lock = bool(json.loads(meta.get("tone_lock", "false")))
+        self.tone_calibration = json.loads(meta.get("tone_calibration", "null"))   # [scale, bias] or None
         self.estimator = new_session(folder / ESTIMATOR_GRAPH, device) if (folder / ESTIMATOR_GRAPH).is_file() else None
         self.keep = new_session(folder / KEEP_GRAPH, device) if (folder / KEEP_GRAPH).is_file() else None
         self.mix = new_session(folder / MIX_GRAPH, device) if (folder / MIX_GRAPH).is_file() else None
@@ -181,16 +182,13 @@ class OnnxRuntimeBackend(Backend):
         else:
             out = arrays.tiled_apply(network, image, plan.tile, arrays.DEFAULT_OVERLAP)
         out = np.clip(out, 0.0, 1.0)
-        share = None
         if used is not None and self.keep is not None:
-            # the keep head (and the tone head: a second output) looks at the input and at what the
-            # network made of it (image level)
-            judged = self.keep.run(None, {"image": image, "network_output": out})
-            used[:, -1] = float(judged[0][0, 0])
-            share = judged[1] if len(judged) > 1 else None
+            # the keep head looks at the input and at what the network made of it (image level)
+            keep = float(self.keep.run(None, {"image": image, "network_output": out})[0][0, 0])
+            used[:, -1] = keep
         if used is not None and self.tone_lock:
-            # after keep and the tone head, which judge the unlocked output (models/tone.py)
-            share = share if share is not None else arrays.tone_free_share(used, self.names)
+            # after keep, which judges the unlocked output (models/tone.py); the estimator's calibration
+            share = arrays.calibrated_tone_share(arrays.tone_free_share(used, self.names), self.tone_calibration)
             arrays.lock_tone(out, image, share)   # in place: out is np.clip's copy
         if used is not None and used[0, -1].max() > 0:
             out = arrays.lerp(out, image, float(used[0, -1].flat[0]))

@@ -202,3 +202,22 @@ def test_the_keep_step_learns_to_lock_where_tone_should_stay_and_not_where_it_sh
     assert learned["psnr_served"] > rule["psnr_served"] + 3 and learned["worse_share"] == 0.0
     assert learned["tone_share_mean"] == pytest.approx(float(share.mean())) and rule["tone_share_mean"] == \
         pytest.approx(0.45)
+
+
+def test_keep_can_be_trained_on_the_unlocked_output_but_a_calibration_cannot():
+    """keep_sees_lock false: the keep loss counts the network's unlocked output (no share), as the
+    keep step did before it counted the lock; a tone calibration needs the lock in the loss, and
+    train_estimator says so before it reads anything."""
+    from tasks.core.errors import AbairError
+    from tasks.train.estimator import KeepHeads, train_estimator
+
+    locked = Estimator(len(NAMES), width=4, do_no_harm=True, tone_lock=True, class_names=NAMES)
+    features = torch.zeros(3, locked.keep_head[0].in_features)
+    rule = torch.tensor([0.2, 0.5, 0.9])
+    assert torch.equal(KeepHeads.of(locked)(features, rule)[1], rule)
+    assert KeepHeads.of(locked, sees_lock=False)(features, rule)[1] is None
+    calibrated = Estimator(len(NAMES), width=4, do_no_harm=True, tone_lock=True, tone_calibration=True, class_names=NAMES)
+    with pytest.raises(AbairError, match="keep_sees_lock"):
+        KeepHeads.of(calibrated, sees_lock=False)
+    with pytest.raises(AbairError, match="keep_sees_lock"):
+        train_estimator({"tone_calibration": True, "keep_sees_lock": False}, shards="/nonexistent")

@@ -321,6 +321,8 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     """
     from models.estimator import Estimator, save_estimator
 
+    if cfg.get("tone_calibration") and not cfg.get("keep_sees_lock", False):
+        raise AbairError("estimator", "tone_calibration is learned from the locked result: it needs keep_sees_lock")
     device = pick_device(cfg.get("device", "auto"))
     index = reader.load_index(shards)
     files = adapter_files(adapters_dir)
@@ -466,7 +468,8 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     """The keep step, everything but the keep head (and the tone calibration, if any) frozen. The frozen
     system restores `keep_samples` samples once (keep_cache); the heads then train on that cache for
     `keep_steps` minibatch steps (cheap: no network runs), towards each sample's PSNR of what is
-    served: the tone lock (when the system has one) and then the keep blend (keep_loss). A share
+    served: the tone lock (when the system has one and `keep_sees_lock`) and then the keep blend
+    (keep_loss). A share
     `keep_holdout` of the cache is held out and scored (keep_report)."""
     backbone, bank, backbone_fp = frozen_system(backbone_path, files, device)
     for p in estimator.parameters():
@@ -486,7 +489,7 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     held = max(1, int(round(len(cache.features) * float(cfg.get("keep_holdout", 0.2)))))
     order = torch.randperm(len(cache.features), generator=torch.Generator().manual_seed(cfg["seed"]))
     val, train = order[:held], order[held:]
-    heads = KeepHeads.of(estimator)
+    heads = KeepHeads.of(estimator, sees_lock=bool(cfg.get("keep_sees_lock", False)))
     params = heads.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -523,8 +526,12 @@ class KeepHeads:
         self.tone_lock = bool(tone_lock or tone_calibration is not None)
 
     @classmethod
-    def of(cls, estimator) -> "KeepHeads":
-        return cls(estimator.keep_head, estimator.tone_calibration, estimator.config.tone_lock)
+    def of(cls, estimator, sees_lock: bool = True) -> "KeepHeads":
+        """The estimator's heads; `sees_lock` False: the loss counts the network's unlocked output
+        (estimator.keep_sees_lock), which a tone calibration cannot learn from."""
+        if estimator.tone_calibration is not None and not sees_lock:
+            raise AbairError("estimator", "tone_calibration is learned from the locked result: it needs keep_sees_lock")
+        return cls(estimator.keep_head, estimator.tone_calibration, estimator.config.tone_lock and sees_lock)
 
     def parameters(self) -> list:
         calibration = self.tone_calibration.parameters() if self.tone_calibration is not None else ()
@@ -623,7 +630,7 @@ def keep_moments(degraded: torch.Tensor, restored: torch.Tensor, clean: torch.Te
 def served_mse(moments: torch.Tensor, keep: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
     """B: the MSE of what is served at keep `keep` and tone share `share` (None: no lock)."""
     uu, dd, ee, ud, ue, de = moments.unbind(1)
-    error = ee + keep.pow(2) * uu + 2 * keep * ue
+    error = uu * keep.pow(2) + 2 * ue * keep + ee   # in this order: the keep step's sums before the lock, bit for bit
     if share is not None:
         t = (1 - keep) * share
         error = error + t.pow(2) * dd + 2 * t * de + 2 * keep * t * ud

@@ -18,6 +18,13 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
+import cv2
+
+# Intel IPP, which OpenCV's wheels call for some filters, picks its code path by CPU (AVX2 or
+# AVX-512) beyond OPENCV_CPU_DISABLE's reach, and the paths round differently: the same seed gave
+# other shard bytes on an AVX2 machine than on an AVX-512 one. OpenCV's own kernels are used instead.
+cv2.ipp.setUseIPP(False)
+
 _MODULE_NAMES = (
     "haze",
     "lowlight",

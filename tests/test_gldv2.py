@@ -84,7 +84,8 @@ def shard_hashes(folder: Path) -> dict[str, str]:
 def test_default_samples_shards_are_byte_identical_to_the_record(tmp_path, project_params):
     """The built-in samples with the default params: the same files, byte for byte, as recorded.
     (When synthesis was cut into units, the code before and after the change made the same bytes;
-    the record was remade when the float steps whose last bits depend on the CPU were replaced.)"""
+    the record was remade when the float steps whose last bits depend on the CPU were replaced, and
+    again when OpenCV's IPP calls were turned off.)"""
     expected = dict(line.split()[::-1] for line in BASELINE.read_text().splitlines())
     index = synthesize(project_params["synthesize"], out=str(tmp_path / "shards"), progress=False)
     assert shard_hashes(tmp_path / "shards") == expected
@@ -93,11 +94,14 @@ def test_default_samples_shards_are_byte_identical_to_the_record(tmp_path, proje
 
 # What differs between the x86-64 CPUs these machines have (AVX2 with or without AVX-512),
 # switched in a child process: numpy's AVX-512 code paths, the OpenBLAS kernel (picked per CPU at
-# load time) and OpenCV's AVX-512 paths. Each once changed a few pixels or a colour matrix's last
-# digit in the sidecar JSON, so the shards' hashes (and DVC's cache) differed from machine to machine.
+# load time), OpenCV's AVX-512 paths and the code path of Intel IPP inside OpenCV (degradations
+# turns IPP off; with it on, this switch alone changes the bytes). Each once changed a few pixels
+# or a colour matrix's last digit in the sidecar JSON, so the shards' hashes (and DVC's cache)
+# differed from machine to machine.
 OTHER_CPU = {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
              "OPENBLAS_CORETYPE": "Sandybridge",
-             "OPENCV_CPU_DISABLE": "AVX512-SKX,AVX512-CLX,AVX_VNNI"}
+             "OPENCV_CPU_DISABLE": "AVX512-SKX,AVX512-CLX,AVX_VNNI",
+             "OPENCV_IPP": "sse42"}
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the switched features are x86-64 ones")

@@ -23,6 +23,8 @@ import cv2
 # Intel IPP, which OpenCV's wheels call for some filters, picks its code path by CPU (AVX2 or
 # AVX-512) beyond OPENCV_CPU_DISABLE's reach, and the paths round differently: the same seed gave
 # other shard bytes on an AVX2 machine than on an AVX-512 one. OpenCV's own kernels are used instead.
+# The switch is per thread: this covers the importing thread; synthesis units and composite.apply
+# set it again in whatever thread runs them (Dask and Prefect run work in their own threads).
 cv2.ipp.setUseIPP(False)
 
 _MODULE_NAMES = (

@@ -43,6 +43,7 @@ def apply(img: np.ndarray, rng: np.random.Generator, classes: list[str], severit
           shape_fraction: float = 0.5, p_single: float = 0.3, p_clean: float = 0.05,
           options: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(degraded float32 HxWx3, mask uint8 HxW, info) for one training sample; see the module doc."""
+    cv2.ipp.setUseIPP(False)   # per thread: the same bytes on every CPU (degradations/__init__.py)
     img = check_image(img)
     classes = check_classes(classes)
     ranges = check_severity_ranges(severity, classes)
@@ -87,6 +88,7 @@ def apply_chain(img: np.ndarray, rng: np.random.Generator, steps) -> tuple[np.nd
     """Apply (name, severity) or (name, severity, options) steps to the whole image, in physical
     order (module ORDER, then name) whatever order they are given in. Returns (degraded, records)
     with one {"name", "severity", "params"} record per step, in the order applied."""
+    cv2.ipp.setUseIPP(False)   # per thread, as in apply
     img = check_image(img)
     resolved = []
     for step in steps:

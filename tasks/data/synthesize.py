@@ -146,6 +146,7 @@ def synthesize_item(job: tuple[Item, dict]) -> SourceResult:
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the processes (or Dask workers)
+    cv2.ipp.setUseIPP(False)   # per thread in OpenCV: the same bytes on every CPU (degradations/__init__.py)
     item, cfg = job
     source = item.source
     try:

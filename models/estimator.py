@@ -398,15 +398,15 @@ class Estimator(nn.Module):
         adapters = probabilities[:, :self.num_outputs]
         return torch.cat([adapters, adapters.new_zeros(b, 1, h, w)], dim=1).contiguous()
 
-    def judge_features(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
-        """B x 2F: what the keep and tone heads read, the features of the inputs `x` and of the
+    def keep_features(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """B x 2F: what the keep head reads, the features of the inputs `x` and of the
         network's outputs `restored` for them (in keep windows when `keep_window` is set)."""
         window = self.config.keep_window
         return torch.cat([self.features_at(x, window), self.features_at(restored, window)], dim=1)
 
     def keep_logit(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1: the keep logit for inputs `x` and the network's outputs `restored` for them."""
-        return self.keep_head(self.judge_features(x, restored))
+        return self.keep_head(self.keep_features(x, restored))
 
     def keep(self, x: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """B x 1 keep in [0, 1] (0 for an estimator without do-no-harm)."""

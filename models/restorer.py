@@ -326,7 +326,7 @@ class Restorer(nn.Module):
                     used = used.clone()
                     used[:, -1] = self.estimator.keep(images, out)[:, 0].view(-1, *([1] * (used.dim() - 2)))
                 if used is not None and self.tone_lock:
-                    # after keep, which judges the unlocked output (its training counts the locked one);
+                    # after keep, which judges the unlocked output (its loss counts the locked one with keep_sees_lock);
                     # the estimator's weights get its calibration of the share, the caller's the rule
                     share = tone_free_share(used, self.names)
                     lock_tone(out, images, self.estimator.tone_share(share) if estimated else share)

@@ -20,7 +20,8 @@ per image (modes sw, oh, oracle) or per pixel (pw's map). The backbone-alone sha
 tone-free: the estimator puts an image's weight there when it is clean or barely degraded, and
 then nothing should move. An adapter kind not listed in TONE_FREE_KINDS is taken to change tone
 (its share is never locked). The keep head still judges the unlocked output (as it sees it in
-training, where its loss counts the locked, served result); the keep blend comes after the lock.
+training, where its loss counts the locked, served result with estimator.keep_sees_lock, the
+unlocked one without); the keep blend comes after the lock.
 Mode "none" (the backbone alone) is not locked.
 
 With an estimator tone calibration (`estimator.tone_calibration`), the share is mapped by

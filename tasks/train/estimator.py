@@ -321,8 +321,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     """
     from models.estimator import Estimator, save_estimator
 
-    if cfg.get("tone_calibration") and not cfg.get("keep_sees_lock", False):
-        raise AbairError("estimator", "tone_calibration is learned from the locked result: it needs keep_sees_lock")
+    check_keep_target(bool(cfg.get("tone_calibration")), bool(cfg.get("keep_sees_lock", False)))
     device = pick_device(cfg.get("device", "auto"))
     index = reader.load_index(shards)
     files = adapter_files(adapters_dir)
@@ -516,6 +515,12 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     return {"keep_final_loss": float(np.mean(losses[-10:])), "keep_val": report}
 
 
+def check_keep_target(calibrated: bool, sees_lock: bool) -> None:
+    """A tone calibration learns from the locked result, so the keep loss must count the lock."""
+    if calibrated and not sees_lock:
+        raise AbairError("estimator", "tone_calibration is learned from the locked result: it needs keep_sees_lock")
+
+
 class KeepHeads:
     """What the keep step trains: the keep head and, if there is one, the tone calibration of the
     rule's share (models/tone.py); without `tone_lock` there is no lock."""
@@ -529,8 +534,7 @@ class KeepHeads:
     def of(cls, estimator, sees_lock: bool = True) -> "KeepHeads":
         """The estimator's heads; `sees_lock` False: the loss counts the network's unlocked output
         (estimator.keep_sees_lock), which a tone calibration cannot learn from."""
-        if estimator.tone_calibration is not None and not sees_lock:
-            raise AbairError("estimator", "tone_calibration is learned from the locked result: it needs keep_sees_lock")
+        check_keep_target(estimator.tone_calibration is not None, sees_lock)
         return cls(estimator.keep_head, estimator.tone_calibration, estimator.config.tone_lock and sees_lock)
 
     def parameters(self) -> list:
@@ -604,8 +608,10 @@ def keep_cache(estimator, backbone, bank, names: list[str], temperature: float, 
         bank_weights[:, columns] = weights[:, :len(names)]
         with bank.weights(bank_weights):
             restored = backbone(degraded).float().clamp(0, 1)
-        correction = lock_tone(restored.clone(), degraded, restored.new_ones(len(restored), 1)) - restored
-        features.append(estimator.judge_features(degraded, restored).cpu())
+        # the lock's correction at share 1 (keep_moments), for a system served with the lock
+        correction = lock_tone(restored.clone(), degraded, restored.new_ones(len(restored), 1)) - restored \
+            if estimator.config.tone_lock else None
+        features.append(estimator.keep_features(degraded, restored).cpu())
         moments.append(keep_moments(degraded, restored, clean, correction).cpu())
         shares.append(tone_free_share(weights, names)[:, 0].cpu())
     estimator.train()

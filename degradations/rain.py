@@ -2,16 +2,21 @@
 
 Severity mapping (lengths and widths in pixels, density per 1x4-pixel grid cell):
     fall angle                      ~ U(-25, 25) degrees from vertical, drawn per image
-    layer 1 (thin, far)             always on:          density 0.004 -> 0.012, length 12 -> 30,
-                                                        width 1, brightness 0.40 -> 0.65
+    layer 1 (thin, far)             always on:          density 0.004 -> 0.012, length 20 -> 40,
+                                                        width 2, brightness 0.40 -> 0.65
     layer 2 (medium)                fades in 0.35-0.60: density 0.001 -> 0.008, length 20 -> 45,
-                                                        width 2, brightness 0.20 -> 0.50
+                                                        width 3, brightness 0.20 -> 0.50
     layer 3 (wide, near the lens)   fades in 0.60-0.85: density 0.0005 -> 0.004, length 30 -> 60,
-                                                        width 3, brightness 0.15 -> 0.35
+                                                        width 4, brightness 0.15 -> 0.35
     veil (rain accumulation)        fades in 0.50-1.00: screen amount up to 0.30, varying smoothly
-So severity ~0.2-0.3 looks like Rain100L (thin sparse streaks, one layer) and 0.8-1.0 like
-Rain100H (dense long streaks of several widths, a milky veil). Streaks are white light added with
-a screen blend, as rain streaks are light scattered by drops (and as in Rain100L/H).
+Widths are those of the tent across a streak (_particles.cross_profile: width 2 is 1/3, 1, 1/3):
+a drop falling during the exposure is a soft streak a few pixels wide, not a one-pixel line (a
+layer of width 1 and length 12 -> 30 gave residuals correlated 0.25 between horizontal neighbours
+and 0.30 between pixels 8 rows apart where Rain100L's are 0.65 and 0.41: "across corr" and "along
+corr" in benchmarks/degradation_match.py). So severity ~0.3-0.4 looks like Rain100L (PSNR ~24.5-26 dB, 10-14%
+of the pixels brightened by more than 10/255, one layer) and 0.8-1.0 like Rain100H (dense long
+streaks of several widths, a milky veil). Streaks are white light added with a screen blend, as rain
+streaks are light scattered by drops (and as in Rain100L/H).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class StreakLayer:
     fade: tuple[float, float]  # severity range over which the layer fades in (start == end: always on)
     density: tuple[float, float]
     length: tuple[float, float]
-    width: int
+    width: float  # of the tent across the streak, in pixels (_particles.cross_profile)
     brightness: tuple[float, float]
 
     def opacity(self, severity: float) -> float:
@@ -46,9 +51,9 @@ class StreakLayer:
 
 
 LAYERS = (
-    StreakLayer(fade=(0.0, 0.0), density=(0.004, 0.012), length=(12, 30), width=1, brightness=(0.40, 0.65)),
-    StreakLayer(fade=(0.35, 0.6), density=(0.001, 0.008), length=(20, 45), width=2, brightness=(0.20, 0.50)),
-    StreakLayer(fade=(0.6, 0.85), density=(0.0005, 0.004), length=(30, 60), width=3, brightness=(0.15, 0.35)),
+    StreakLayer(fade=(0.0, 0.0), density=(0.004, 0.012), length=(20, 40), width=2.0, brightness=(0.40, 0.65)),
+    StreakLayer(fade=(0.35, 0.6), density=(0.001, 0.008), length=(20, 45), width=3.0, brightness=(0.20, 0.50)),
+    StreakLayer(fade=(0.6, 0.85), density=(0.0005, 0.004), length=(30, 60), width=4.0, brightness=(0.15, 0.35)),
 )
 
 

@@ -121,6 +121,18 @@ def test_a_time_budget_anneals_on_time_and_ends_the_run_when_spent(tmp_path):
     assert expected[-1] < loop.warmup_cosine(3, STEPS, 2, CFG["lr"], CFG["min_lr"]) / 2
 
 
+def test_the_schedule_follows_the_clock_only_once_it_leads_by_more_than_the_slack():
+    budget = loop.TimeBudget(1000 / 60)  # 1000 s for 2700 steps: 0.37 s per step
+    # a slow first step (8 s, 21.6 steps' worth) is within the slack (2% of 2700 = 54 steps): the run
+    # keeps the step schedule, as a machine on time must (the default Phase I had other bits on every run)
+    assert budget.schedule_step(0, 2700, 8.0) == 0
+    assert budget.schedule_step(100, 2700, 50.0) == 100                     # 135 steps' worth: 35 ahead
+    assert budget.schedule_step(100, 2700, 60.0) == pytest.approx(162.0)   # 62 ahead: follows the clock
+    assert budget.schedule_step(2000, 2700, 1000.0) == pytest.approx(2700)  # spent: fully annealed
+    assert loop.TimeBudget(5 / 60).schedule_step(3, 8, 4.0) == pytest.approx(6.4)  # short runs: one step ahead suffices
+    assert loop.TimeBudget(None).schedule_step(7, 2700, 1e9) == 7
+
+
 def test_a_budget_long_enough_changes_nothing_and_its_time_is_kept_through_a_resume(tmp_path):
     plain = new_training()
     loop.fit(plain, square_loss(plain), batches(0), CFG, STEPS, torch.device("cpu"), progress=False)

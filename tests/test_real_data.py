@@ -136,6 +136,33 @@ def test_pretrain_learning_curve(tmp_path, tiny_shards, train_params):
     assert (tmp_path / "reports" / "pretrain_gain.png").stat().st_size > 1000
 
 
+def test_faint_samples_are_within_faint_psnr_of_the_clean_crop():
+    """Light rain at a low severity is visible streaks (27-29 dB off the clean crop): labelled
+    `base`, it taught the estimator to leave real light rain alone. With faint_psnr, a faint draw
+    further off than that is replaced by the clean crop; the target stays all base."""
+    from tasks.core.metrics import psnr
+    from tasks.train.estimator import EstimatorSample
+
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32) / 64
+    clean = (np.stack([0.3 + 0.4 * xx, 0.4 + 0.2 * yy, 0.5 - 0.2 * xx * yy], axis=2) * 255).astype(np.uint8)
+    sample = {"clean": clean, "degraded": clean, "mask": np.zeros((64, 64), np.uint8)}
+    rain = [{"name": "rain", "data": None, "share": 1.0, "severity": [0.15, 0.8], "sha256": ""}]
+
+    def faint_psnrs(faint_psnr):
+        transform = EstimatorSample(rain, ["rain"], 0.0, 64, base=True, p_clean=1.0, faint=0.1, faint_psnr=faint_psnr)
+        values = []
+        for seed in range(40):
+            degraded, clean_t, target = transform(sample, np.random.default_rng(seed))
+            assert target.tolist() == [0.0, 1.0]
+            values.append(float(psnr(degraded[None], clean_t[None])[0]))
+        return np.array(values)
+
+    unchecked, checked = faint_psnrs(None), faint_psnrs(33.0)
+    assert (unchecked < 30).sum() >= 5          # the severity alone lets visible streaks through as "faint"
+    assert (checked >= 33).all()                 # none of them now
+    assert (checked == 100).sum() > (unchecked == 100).sum()   # those draws became the clean crop (PSNR at its cap)
+
+
 def test_estimator_targets_put_clean_samples_on_base(tiny_shards):
     from tasks.train.estimator import EstimatorSample
 

@@ -37,6 +37,7 @@ from degradations import composite
 import torch.nn.functional as F
 
 from tasks.core import imageio, paths
+from tasks.core.metrics import psnr
 from tasks.data import reader
 
 from tasks.train import loop
@@ -77,18 +78,23 @@ class EstimatorSample:
 
     With `base` (do no harm) a share `p_clean` of samples is the clean crop, left as it is or
     barely degraded by one adapter's degradation at severity up to `faint`, with all the target
-    on `base`; composite samples put their clean pixels' share there."""
+    on `base`; composite samples put their clean pixels' share there. Barely degraded means within
+    `faint_psnr` dB of the clean crop: a low severity is not a faint degradation for every kind
+    (light rain at severity 0.05 is 27-29 dB off, visible streaks), and a faint draw above that
+    line is replaced by the clean crop, as labelling visible rain `base` taught the estimator
+    to leave real light rain alone."""
 
     def __init__(self, sources: list[dict], shard_classes: list[str], p_single: float, crop: int,
                  base: bool = False, p_clean: float = 0.0, faint: float = 0.1, options: dict | None = None,
-                 p_gray: float = 0.0, extra: tuple[str, ...] = (), p_extra: float = 0.0, dense: bool = False):
+                 p_gray: float = 0.0, extra: tuple[str, ...] = (), p_extra: float = 0.0, dense: bool = False,
+                 faint_psnr: float | None = None):
         self.sources, self.p_single, self.crop = sources, p_single, crop
         self.options = options or {}
         # p_gray: synthetic samples drawn from a grey copy of the crop (grey photos are not haze);
         # extra: degradations no adapter handles (JPEG, ...), drawn in the keep step only, where
         # what matters is whether the network helps, not which adapter is right
         self.p_gray, self.extra, self.p_extra = p_gray, tuple(extra), p_extra
-        self.base, self.p_clean, self.faint = base, p_clean, faint
+        self.base, self.p_clean, self.faint, self.faint_psnr = base, p_clean, faint, faint_psnr
         # dense: items get a fourth member, the per-pixel target map (C x H x W, C = K [+ base])
         self.dense = dense
         self.names = [s["name"] for s in sources]
@@ -137,6 +143,9 @@ class EstimatorSample:
             if rng.random() < 0.5:
                 name = self.names[int(rng.integers(0, len(self.names)))]
                 degraded, _ = composite.draw(clean, rng, name, (0.0, self.faint), self.options.get(name))
+                if self.faint_psnr is not None and float(psnr(reader.to_tensor(degraded)[None],
+                                                              reader.to_tensor(clean)[None])[0]) < self.faint_psnr:
+                    degraded = clean
             target[-1] = 1.0
             return self._item(degraded, clean, target)
         if rng.random() < self.p_single:
@@ -350,7 +359,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),
                                 EstimatorSample(sources, index["classes"], cfg["p_single"], index["crop_size"],
                                                 base=do_no_harm, p_clean=cfg.get("p_clean", 0.0),
-                                                faint=cfg.get("faint_severity", 0.1),
+                                                faint=cfg.get("faint_severity", 0.1), faint_psnr=cfg.get("faint_psnr"),
                                                 options=(index.get("generator") or {}).get("options"),
                                                 p_gray=cfg.get("p_gray", 0.0), dense=dense),
                                 seed=cfg["seed"], shuffle_buffer=cfg.get("shuffle_buffer", 256))
@@ -687,13 +696,13 @@ def keep_report(heads, cache: KeepCache, worse_db: float = HARM_MARGIN_DB) -> di
     keep = keep.cpu()
     share = None if share is None else share.cpu()
 
-    def psnr(k: torch.Tensor) -> torch.Tensor:
+    def served_psnr(k: torch.Tensor) -> torch.Tensor:
         return -10 * torch.log10(served_mse(cache.moments, k, share) + KEEP_MSE_FLOOR)
 
     ones = torch.ones(len(keep))
-    served, given = psnr(keep), psnr(ones)
-    return {"samples": len(keep), "psnr_input": float(given.mean()), "psnr_network": float(psnr(0 * ones).mean()),
-            "psnr_served": float(served.mean()), "psnr_best": float(psnr(optimal_keep(cache.moments, share)).mean()),
+    served, given = served_psnr(keep), served_psnr(ones)
+    return {"samples": len(keep), "psnr_input": float(given.mean()), "psnr_network": float(served_psnr(0 * ones).mean()),
+            "psnr_served": float(served.mean()), "psnr_best": float(served_psnr(optimal_keep(cache.moments, share)).mean()),
             "worse_share": float((served < given - worse_db).float().mean()), "keep_mean": float(keep.mean()),
             "tone_share_mean": None if share is None else float(share.mean())}
 

@@ -90,6 +90,7 @@ class EstimatorConfig:
     windows: int = 9
     tone_lock: bool = False   # the Restorer keeps the input's low frequencies by the tone-free share (models/tone.py)
     tone_calibration: bool = False   # that share mapped by sigmoid(scale * logit(share) + bias), learned with keep
+    temperature: float = 1.0  # the SW softmax temperature it was trained (its keep step) with, and is served with
 
 
 class StatPool(nn.Module):
@@ -223,7 +224,7 @@ class Estimator(nn.Module):
                  view_size: int = 128, random_crops: bool = False, do_no_harm: bool = False,
                  dense: bool = False, window: int | None = None, keep_window: int | None = None,
                  windows: int = 9, tone_lock: bool = False, tone_calibration: bool = False,
-                 class_names: Sequence[str] | None = None):
+                 temperature: float = 1.0, class_names: Sequence[str] | None = None):
         super().__init__()
         if num_outputs < 1:
             raise ValueError("the estimator needs at least one output")
@@ -236,11 +237,14 @@ class Estimator(nn.Module):
                 raise ValueError(f"{name} must be a positive number of pixels or None, got {side}")
         if windows < 1:
             raise ValueError(f"windows must be >= 1, got {windows}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if tone_calibration and not (tone_lock and do_no_harm):
             raise ValueError("a tone calibration maps the tone lock's share and is learned with keep: it needs "
                              "tone_lock and do_no_harm")
         self.config = EstimatorConfig(num_outputs, width, crops, crop_size, view_size, random_crops, do_no_harm, dense,
-                                      window, keep_window, windows, bool(tone_lock), bool(tone_calibration))
+                                      window, keep_window, windows, bool(tone_lock), bool(tone_calibration),
+                                      float(temperature))
         self.class_names = list(class_names) if class_names is not None else None
         self.global_trunk = _trunk(width)
         self.local_trunk = _trunk(width) if crops > 0 else None
@@ -377,7 +381,7 @@ class Estimator(nn.Module):
         spatial = self.dense_head([m.detach() for m in maps], contrast, self.map_size)
         return image, image.detach()[:, :, None, None] + spatial
 
-    def weight_map(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def weight_map(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """B x (K+1) x h x w (h x w = map_size): per pixel the K adapter weights then a zero `keep`
         column (the Restorer fills keep in). The adapter weights are the per-pixel softmax over the
         adapters and `base`, restricted to the adapters (summing to at most one); over the adapters
@@ -385,9 +389,10 @@ class Estimator(nn.Module):
         _, pixels = self.logits_and_map(x)
         return self.map_from_logits(pixels, temperature)
 
-    def map_from_logits(self, pixels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def map_from_logits(self, pixels: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """weight_map from the per-pixel logits of logits_and_map (an exported graph computes both
-        outputs from one look at the image)."""
+        outputs from one look at the image). temperature None: the estimator's own (config)."""
+        temperature = self.config.temperature if temperature is None else temperature
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         b, c, h, w = pixels.shape
@@ -419,12 +424,12 @@ class Estimator(nn.Module):
         shape): calibrated with a tone calibration, as it is without."""
         return rule_share if self.tone_calibration is None else self.tone_calibration(rule_share)
 
-    def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float = 1.0,
+    def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float | None = None,
                 restored: torch.Tensor | None = None) -> torch.Tensor:
         """B x (K+1): K adapter weights then `keep` (the modes contract of ../shared/DESIGN.md).
 
         "sw": softmax(logits / T) over the adapters and `base`, the adapter part (summing to at most
-        one); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep
+        one; T: `temperature`, None for the one the estimator was trained with, config.temperature); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep
         needs what the network made of `x` with these weights (`restored`); without it, or without
         do-no-harm, the keep column is 0 (the Restorer fills it in after the network has run)."""
         if mode not in MODES:
@@ -434,13 +439,14 @@ class Estimator(nn.Module):
             weights = torch.cat([weights[:, :-1], self.keep(x, restored)], dim=1)
         return weights
 
-    def weights_from_logits(self, logits: torch.Tensor, mode: str = "sw", temperature: float = 1.0) -> torch.Tensor:
+    def weights_from_logits(self, logits: torch.Tensor, mode: str = "sw", temperature: float | None = None) -> torch.Tensor:
         """B x (K+1) weights (keep 0) from the B x C logits of `logits` (an exported graph computes
         them once for several outputs)."""
         k = self.num_outputs
         if mode == "oh":
             adapters = F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()[:, :k]
         else:
+            temperature = self.config.temperature if temperature is None else temperature
             if temperature <= 0:
                 raise ValueError("temperature must be > 0")
             adapters = torch.softmax(logits.float() / temperature, dim=1)[:, :k]
@@ -501,6 +507,8 @@ def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     config = metadata_json(path, metadata, "config")
     names = metadata_json(path, metadata, "class_names") if "class_names" in metadata else None
     try:
+        if isinstance(config, dict) and "temperature" not in config and "temperature" in metadata:
+            config["temperature"] = float(metadata["temperature"])   # written before the config held it
         model = build_estimator(config, names)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid estimator config ({exc})") from None

@@ -103,7 +103,7 @@ class Restorer(nn.Module):
         """The columns of the weights `restore` takes and returns: the adapters, then `keep`."""
         return [*self.names, "keep"]
 
-    def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float,
+    def _weights_for(self, images: torch.Tensor, mode: str, weights, temperature: float | None,
                      pw_source: str | None = None, tile: int | None = None) -> torch.Tensor | None:
         """B x (K+1) weights (adapters, keep) for the call, B x (K+1) x h x w for "pw", or None
         for the backbone alone."""
@@ -165,7 +165,7 @@ class Restorer(nn.Module):
                              "(no `classes` in its metadata): the seg weight-map source needs them")
         return source
 
-    def _map_for(self, images: torch.Tensor, weights, temperature: float, pw_source: str | None,
+    def _map_for(self, images: torch.Tensor, weights, temperature: float | None, pw_source: str | None,
                  tile: int | None = None) -> torch.Tensor:
         """B x (K+1) x h x w: the caller's map (K or K+1 columns, any h x w; B x (K+1) weights are a
         constant map) or the map of the pixel-wise source; keep 0 where not given."""
@@ -193,7 +193,7 @@ class Restorer(nn.Module):
     def seg_class_names(self) -> list[str]:
         return list(getattr(self.backbone, "seg_class_names", None) or [])
 
-    def _seg_map(self, images: torch.Tensor, temperature: float, tile: int | None = None) -> torch.Tensor:
+    def _seg_map(self, images: torch.Tensor, temperature: float | None, tile: int | None = None) -> torch.Tensor:
         """B x (K+1) x h/8 x w/8 from the Phase I segmentation head (an extra backbone pass,
         without adapters): its per-pixel multi-label probabilities in the adapter columns of the
         classes it knows, the estimator's image-level weight in the others (degradations added
@@ -275,12 +275,15 @@ class Restorer(nn.Module):
 
     # -- the one call ----------------------------------------------------------------------------
 
-    def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float = 1.0,
+    def restore(self, images: torch.Tensor, mode: str = "sw", weights=None, temperature: float | None = None,
                 tile: int | None = None, max_pixels: int | None = None, overlap: int = DEFAULT_OVERLAP,
                 tiling: str = "exact", pw_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Restore B x 3 x H x W images in [0, 1]; returns (restored in [0, 1], weights used
         B x (K+1) in `weight_names` order, or None for mode "none"; for mode "pw" the B x (K+1) x
         h x w map used, at its own resolution: weights_summary() gives per-image means).
+
+        temperature: the SW softmax temperature; None, the estimator's own (the one its keep head
+        was trained with: Estimator.config.temperature).
 
         Mode "pw": weights=None takes the map from `pw_source` (see resolve_pw_source); weights may
         be a B x K or B x (K+1) x h x w map (the pixel-wise oracle), resized to the image.

@@ -340,6 +340,44 @@ def test_do_no_harm_estimator_weights(tmp_path):
     assert again.config.do_no_harm and torch.equal(again.weights(x, restored=restored), est.weights(x, restored=restored))
 
 
+def test_the_estimator_serves_the_temperature_it_was_trained_with(system, tmp_path):
+    """The SW temperature is part of the estimator (its keep head learned on blends made at it):
+    weights, the Restorer's served mode and the saved file all use it unless a caller names another,
+    and a file from before the config held it takes it from its metadata."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(2)
+    est = Estimator(len(CLASSES), width=8, crop_size=32, view_size=32, do_no_harm=True, temperature=0.5,
+                    class_names=CLASSES).eval()
+    x = smooth_images(2, 40, 40)
+    logits = est.logits(x)
+    torch.testing.assert_close(est.weights(x)[:, :-1], torch.softmax(logits / 0.5, 1)[:, :-1])
+    assert not torch.allclose(est.weights(x), est.weights(x, temperature=1.0))
+    restorer = Restorer(system.backbone, system.bank, est)
+    served, used = restorer.restore(x, mode="sw")
+    at_half, used_half = restorer.restore(x, mode="sw", temperature=0.5)
+    assert torch.equal(served, at_half) and torch.equal(used, used_half)
+    _, used_one = restorer.restore(x, mode="sw", temperature=1.0)
+    assert not torch.allclose(used[:, :-1], used_one[:, :-1])
+    save_estimator(est, tmp_path / "e.safetensors", extra_metadata={"temperature": "0.5"})
+    assert load_estimator(tmp_path / "e.safetensors").config.temperature == 0.5
+    # an older file: no temperature in its config, the trained one in its metadata
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as f:
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["config"])
+    del config["temperature"]
+    metadata["config"] = json.dumps(config)
+    save_file(load_file(tmp_path / "e.safetensors"), tmp_path / "old.safetensors", metadata=metadata)
+    old = load_estimator(tmp_path / "old.safetensors").eval()
+    assert old.config.temperature == 0.5 and torch.equal(old.weights(x), est.weights(x))
+    with pytest.raises(ValueError, match="temperature"):
+        Estimator(len(CLASSES), width=8, crop_size=32, view_size=32, temperature=0.0)
+
+
 def test_restorer_fills_in_the_estimators_keep(system):
     """In the estimator's modes keep is asked once the network has run, on its output; the
     served image is exactly the blend, and explicit weights are taken as given."""

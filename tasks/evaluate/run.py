@@ -231,7 +231,7 @@ def _to_image(out: torch.Tensor, j: int) -> np.ndarray:
 def evaluate_set(restorer, loaded: LoadedSet, plan, cfg: dict, device, bar=None) -> SetResult:
     names = adapter_names(restorer)
     y_channel = bool(cfg.get("y_channel", False))
-    temperature = cfg.get("temperature") or getattr(restorer, "temperature", 1.0)
+    temperature = cfg.get("temperature")   # None: the estimator's own (Estimator.config.temperature)
     n_strips = int(cfg.get("strips", 3))
     strip_mode = next((m for m in ("sw", "oh", "oracle", "none", "pw") if any(p[0] == m for p in plan)), None)
     per_image: dict[str, dict[str, list[float]]] = {key: {} for key, _, _ in plan}

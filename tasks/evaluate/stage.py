@@ -34,17 +34,6 @@ from tasks.evaluate.tables import mode_label, results_markdown
 log = logging.getLogger(__name__)
 
 
-def _estimator_temperature(path: Path) -> float:
-    """The SW temperature the estimator was trained with (its file's metadata), else 1."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return float((f.metadata() or {}).get("temperature", 1.0))
-    except (OSError, ValueError, RuntimeError):
-        return 1.0
-
-
 def pw_source_of(cfg: dict) -> str | None:
     """evaluate.pw_source: where mode pw's maps come from (null: the restorer's default, a dense
     estimator head when there is one, else the backbone's segmentation head)."""
@@ -84,7 +73,6 @@ def load_restorer(checkpoints: str, device, cfg: dict | None = None) -> Any:
     dense = restorer.estimator is not None and getattr(restorer.estimator, "has_dense", False)
     if wants_seg and source is None and dense and restorer.backbone.seg_head is not None:
         restorer.backbone.drop_seg_head()      # the dense head makes the maps
-    restorer.temperature = _estimator_temperature(estimator) if estimator is not None else 1.0
     return restorer
 
 

@@ -24,6 +24,7 @@ validation shards' masks (dense_scores: per-class IoU and per-pixel accuracy, in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -341,7 +342,9 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                                **({"init": file_sha256(init)} if init is not None else {})})
     loop.seed_everything(cfg["seed"])
     if start is not None:
+        # architecture from the file; the temperature from cfg, as the keep step below trains with it
         estimator = start.to(device)
+        estimator.config = dataclasses.replace(estimator.config, temperature=float(cfg["temperature"]))
     else:
         # `windowed`: photos are looked at in windows of the size the estimator trains on (the shard
         # crops; the keep head: the keep step's crops), the scale it learned (models/estimator.py)
@@ -353,7 +356,7 @@ def train_estimator(cfg: dict, backbone_path: str = paths.BACKBONE,
                               keep_window=(cfg.get("keep_crop") or index["crop_size"]) if windowed else None,
                               windows=int(cfg.get("windows", 9)), tone_lock=bool(cfg.get("tone_lock", False)),
                               tone_calibration=bool(cfg.get("tone_calibration", False)),
-                              class_names=names).to(device)
+                              temperature=float(cfg["temperature"]), class_names=names).to(device)
     do_no_harm, dense = estimator.base is not None, estimator.has_dense
     dense_weight = float(cfg.get("dense_weight", 1.0)) if dense else 0.0
     stream = reader.ShardStream(reader.shard_urls(shards, "train", index),

@@ -392,9 +392,7 @@ class Estimator(nn.Module):
     def map_from_logits(self, pixels: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """weight_map from the per-pixel logits of logits_and_map (an exported graph computes both
         outputs from one look at the image). temperature None: the estimator's own (config)."""
-        temperature = self.config.temperature if temperature is None else temperature
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        temperature = self.softmax_temperature(temperature)
         b, c, h, w = pixels.shape
         # the softmax runs on one row per pixel, the layout `weights` uses, so that a map whose
         # spatial term is zero reproduces the image-level weights bit for bit
@@ -424,14 +422,23 @@ class Estimator(nn.Module):
         shape): calibrated with a tone calibration, as it is without."""
         return rule_share if self.tone_calibration is None else self.tone_calibration(rule_share)
 
+    def softmax_temperature(self, temperature: float | None = None) -> float:
+        """The SW temperature of a call: `temperature`, or None for the estimator's own (the one its
+        keep head was trained with, config.temperature); ValueError unless > 0."""
+        temperature = self.config.temperature if temperature is None else temperature
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        return temperature
+
     def weights(self, x: torch.Tensor, mode: str = "sw", temperature: float | None = None,
                 restored: torch.Tensor | None = None) -> torch.Tensor:
         """B x (K+1): K adapter weights then `keep` (the modes contract of ../shared/DESIGN.md).
 
         "sw": softmax(logits / T) over the adapters and `base`, the adapter part (summing to at most
-        one; T: `temperature`, None for the one the estimator was trained with, config.temperature); "oh": one-hot of the argmax, all zeros when `base` wins (the backbone alone). keep
-        needs what the network made of `x` with these weights (`restored`); without it, or without
-        do-no-harm, the keep column is 0 (the Restorer fills it in after the network has run)."""
+        one; T: softmax_temperature(temperature)); "oh": one-hot of the argmax, all zeros when `base`
+        wins (the backbone alone). keep needs what the network made of `x` with these weights
+        (`restored`); without it, or without do-no-harm, the keep column is 0 (the Restorer fills it
+        in after the network has run)."""
         if mode not in MODES:
             raise ValueError(f"estimator mode must be one of {MODES}, got {mode!r}")
         weights = self.weights_from_logits(self.logits(x), mode, temperature)
@@ -446,10 +453,7 @@ class Estimator(nn.Module):
         if mode == "oh":
             adapters = F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()[:, :k]
         else:
-            temperature = self.config.temperature if temperature is None else temperature
-            if temperature <= 0:
-                raise ValueError("temperature must be > 0")
-            adapters = torch.softmax(logits.float() / temperature, dim=1)[:, :k]
+            adapters = torch.softmax(logits.float() / self.softmax_temperature(temperature), dim=1)[:, :k]
         return torch.cat([adapters, adapters.new_zeros(adapters.shape[0], 1)], dim=1)
 
     @torch.no_grad()

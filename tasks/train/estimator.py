@@ -447,7 +447,7 @@ def tune_blend(estimator, names: list[str], files: list[Path], stream: reader.Sh
     sw_loader = reader.SegmentedLoader(stream, cfg["batch"], segment_steps=sw_steps, workers=cfg.get("workers", 0))
     stream.seed = cfg["seed"] + 1
     losses = loop.fit(loop.Training(estimator.parameters(), sw_cfg, device),
-                      blended_loss(estimator, backbone, bank, names, cfg["temperature"], device),
+                      blended_loss(estimator, backbone, bank, names, estimator.config.temperature, device),
                       sw_loader.batches(0, sw_steps), sw_cfg, sw_steps, device, steplog=steplog, desc="estimator sw",
                       progress=progress)
     check_frozen(backbone, backbone_fp, backbone_path, "SW")
@@ -493,7 +493,7 @@ def tune_keep(estimator, names: list[str], files: list[Path], stream: reader.Sha
     stream.transform.p_gray = float(cfg.get("keep_p_gray", stream.transform.p_gray))
     stream.transform.dense = False  # the keep head is image-level: no target maps to build
     stream.seed = cfg["seed"] + 2
-    cache = keep_cache(estimator, backbone, bank, names, cfg["temperature"], cfg.get("keep_crop"),
+    cache = keep_cache(estimator, backbone, bank, names, estimator.config.temperature, cfg.get("keep_crop"),
                        stream, int(cfg.get("keep_samples", 1024)), cfg["batch"], device, progress,
                        float(cfg.get("p_keep_misapplied", 0.0)), cfg["seed"])
     check_frozen(backbone, backbone_fp, backbone_path, "keep")
